@@ -1,0 +1,213 @@
+"""Feeds for calibration and validation: a .npz, a folder of .npy files, or seeded synthetic
+data shaped like the model's inputs. A feed is one ``{input name: array}`` batch."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.errors import BadData
+
+Feed = dict[str, np.ndarray]
+Dims = dict[str, int]  # symbolic dim name -> size, or "input:axis" -> size
+
+DEFAULT_SAMPLES = 8
+DEFAULT_BATCH = 8
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | str | None, ...]  # str: a named symbolic dim; None: unnamed or -1
+
+    def shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """The concrete shape, with symbolic dims from ``dims``; a clear error when one is unset."""
+        shape = []
+        for axis, dim in enumerate(self.dims):
+            by_axis = dims.get(f"{self.name}:{axis}")
+            if by_axis is not None:
+                shape.append(by_axis)
+            elif isinstance(dim, int):
+                shape.append(dim)
+            elif isinstance(dim, str) and dim in dims:
+                shape.append(dims[dim])
+            else:
+                hint = (
+                    f"--dim {dim}=VALUE"
+                    if isinstance(dim, str)
+                    else f"--dim {self.name}:{axis}=VALUE"
+                )
+                label = f"'{dim}'" if isinstance(dim, str) else "unnamed"
+                raise BadData(
+                    f"input {self.name!r} axis {axis} has a symbolic size ({label}) with no "
+                    f"value; set it with {hint}"
+                )
+        return tuple(shape)
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    specs = []
+    for value in model.graph.inputs:
+        if value.dtype is None or value.shape is None:
+            raise BadData(f"input {value.name!r} has no tensor type or shape")
+        dims = tuple(_dim(d) for d in value.shape)
+        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), dims))
+    return specs
+
+
+def _dim(dim: object) -> int | str | None:
+    if isinstance(dim, int):
+        return dim if dim > 0 else None
+    name = getattr(dim, "value", None)
+    return name if isinstance(name, str) and name not in ("", "?") else None
+
+
+def parse_dims(items: Sequence[str]) -> Dims:
+    """Parse ``NAME=VALUE`` (a named symbolic dim) or ``INPUT:AXIS=VALUE`` options."""
+    dims: Dims = {}
+    for item in items:
+        key, eq, value = item.rpartition("=")
+        if not eq or not key or not value.strip().isdigit() or int(value) <= 0:
+            raise BadData(f"bad --dim {item!r}: expected NAME=SIZE or INPUT:AXIS=SIZE")
+        dims[key.strip()] = int(value)
+    return dims
+
+
+def synthetic_feeds(
+    model: ir.Model, dims: Mapping[str, int], samples: int = DEFAULT_SAMPLES, seed: int = 0
+) -> list[Feed]:
+    """Seeded random batches matching each input's dtype and shape: normal floats, small ints."""
+    rng = np.random.default_rng(seed)
+    specs = input_specs(model)
+    shapes = {spec.name: spec.shape(dims) for spec in specs}
+    return [
+        {spec.name: _random(rng, spec.dtype, shapes[spec.name]) for spec in specs}
+        for _ in range(samples)
+    ]
+
+
+def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind in "iu":
+        return rng.integers(0, 10, shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.5
+    raise BadData(f"cannot make synthetic data of dtype {dtype}")
+
+
+def load_feeds(
+    source: str | os.PathLike,
+    model: ir.Model,
+    dims: Mapping[str, int] | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    limit: int | None = None,
+) -> list[Feed]:
+    """Read feeds from a .npz (keys = input names) or a folder of .npy files.
+
+    In a folder, files named after the inputs (``/`` and ``:`` written as ``_``) hold all
+    samples of that input; for a single-input model, every .npy file is a batch of it.
+    Arrays stack samples on axis 0 and are cut into batches the model accepts.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise BadData(f"{path}: no such file or folder")
+    specs = input_specs(model)
+    arrays = _read_npz(path) if path.is_file() else _read_folder(path, specs)
+    if isinstance(arrays, list):  # one-input folder: already a list of batches
+        return [_check_feed({specs[0].name: a}, specs, dims or {}) for a in arrays[:limit]]
+    return _batches(arrays, specs, dims or {}, batch_size, limit)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadData(f"{path}: not a readable .npy/.npz file ({exc})") from None
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix == ".npy":
+        raise BadData(f"{path}: a single .npy needs a folder; use a .npz keyed by input name")
+    data = _load_npy(path)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise BadData(f"{path}: expected a .npz archive keyed by input name")
+    with data:
+        return {key: data[key] for key in data.files}
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[/\\:]", "_", name)
+
+
+def _read_folder(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray] | list[np.ndarray]:
+    files = sorted(path.glob("*.npy"))
+    if not files:
+        raise BadData(f"{path}: no .npy files in the folder")
+    by_name = {f.stem: f for f in files}
+    if all(_safe_name(s.name) in by_name for s in specs):
+        return {s.name: _load_npy(by_name[_safe_name(s.name)]) for s in specs}
+    if len(specs) == 1:
+        return [_load_npy(f) for f in files]
+    names = ", ".join(_safe_name(s.name) + ".npy" for s in specs)
+    raise BadData(f"{path}: expected one file per input: {names}")
+
+
+def _batches(
+    arrays: Mapping[str, np.ndarray],
+    specs: list[InputSpec],
+    dims: Mapping[str, int],
+    batch_size: int,
+    limit: int | None,
+) -> list[Feed]:
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise BadData(f"calibration data has no array for input(s) {', '.join(missing)}")
+    counts = {len(arrays[s.name]) if arrays[s.name].ndim else 1 for s in specs}
+    if len(counts) != 1:
+        raise BadData("calibration arrays hold different numbers of samples")
+    total = counts.pop()
+    step = specs[0].dims[0] if specs[0].dims and isinstance(specs[0].dims[0], int) else batch_size
+    feeds = []
+    for start in range(0, total, step):
+        feed = {s.name: arrays[s.name][start : start + step] for s in specs}
+        if len(next(iter(feed.values()))) < step and isinstance(specs[0].dims[0], int):
+            break  # a fixed-batch model cannot take the short tail
+        feeds.append(_check_feed(feed, specs, dims))
+        if limit is not None and len(feeds) >= limit:
+            break
+    return feeds
+
+
+def _check_feed(feed: Feed, specs: list[InputSpec], dims: Mapping[str, int]) -> Feed:
+    checked = {}
+    for spec in specs:
+        array = np.asarray(feed[spec.name])
+        if array.ndim != len(spec.dims):
+            raise BadData(
+                f"input {spec.name!r}: data has {array.ndim} dims, the model expects "
+                f"{len(spec.dims)} {tuple(spec.dims)}"
+            )
+        for axis, (have, want) in enumerate(zip(array.shape, spec.dims)):
+            want = dims.get(
+                f"{spec.name}:{axis}", dims.get(want, want) if isinstance(want, str) else want
+            )
+            if isinstance(want, int) and have != want and axis > 0:
+                raise BadData(
+                    f"input {spec.name!r}: axis {axis} is {have}, the model expects {want}"
+                )
+        if array.dtype != spec.dtype:
+            if not np.can_cast(array.dtype, spec.dtype, "same_kind"):
+                raise BadData(
+                    f"input {spec.name!r}: data is {array.dtype}, the model expects {spec.dtype}"
+                )
+            array = array.astype(spec.dtype)
+        checked[spec.name] = array
+    return checked

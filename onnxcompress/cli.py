@@ -1,0 +1,439 @@
+"""The command line. Commands are thin: they parse options, call the public API, and turn our
+errors into one clear line and an exit code (0 ok, 1 a gate missed or a batch member failed,
+2 bad usage or bad input, 3 an internal error)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import logging
+import sys
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+
+from onnxcompress import model_io
+from onnxcompress.calibration import load_feeds, parse_dims, synthetic_feeds
+from onnxcompress.errors import OnnxCompressError, ToleranceExceeded
+from onnxcompress.inspection import inspect_model
+from onnxcompress.passes import PASSES
+from onnxcompress.pipeline import Gates, Options, compress_file, write_json
+from onnxcompress.recipe import Recipe
+from onnxcompress.report import table, validation_dict, validation_table
+from onnxcompress.validate import gate_failures, validate
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _Fail(click.ClickException):
+    """An error line with our exit code; click prints it without a traceback."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+def _handled(command):
+    """Turn our exceptions into one line; --verbose also shows the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        verbose = click.get_current_context().find_root().params.get("verbose", False)
+        try:
+            return command(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except OnnxCompressError as exc:
+            if verbose:
+                traceback.print_exc()
+            raise _Fail(str(exc), exc.exit_code) from None
+        except Exception as exc:
+            if verbose:
+                traceback.print_exc()
+            raise _Fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL) from None
+
+    return wrapper
+
+
+def _data_options(command):
+    """--dim, --samples, --batch-size, --seed: how feeds are built, shared by commands."""
+    for option in reversed(
+        [
+            click.option(
+                "--dim",
+                "dims",
+                multiple=True,
+                metavar="NAME=N|INPUT:AXIS=N",
+                help="Size of a symbolic input dimension (repeatable).",
+            ),
+            click.option(
+                "--samples",
+                default=8,
+                show_default=True,
+                help="Synthetic feeds when no data is given.",
+            ),
+            click.option(
+                "--batch-size",
+                default=8,
+                show_default=True,
+                help="Batch for data on a dynamic batch axis.",
+            ),
+            click.option("--seed", default=0, show_default=True, help="Seed for synthetic data."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _gate_options(command):
+    """--max-rel-error, --min-agreement, --gate-output: the user's tolerance."""
+    for option in reversed(
+        [
+            click.option(
+                "--max-rel-error",
+                type=float,
+                help="Fail if any output's relative L2 error exceeds this.",
+            ),
+            click.option(
+                "--min-agreement",
+                type=float,
+                help="Fail if any class-like output's top-1 agreement is below this.",
+            ),
+            click.option(
+                "--gate-output",
+                "gate_outputs",
+                multiple=True,
+                help="Apply the gates to this output only (repeatable).",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _gates(max_rel_error, min_agreement, gate_outputs) -> Gates | None:
+    if max_rel_error is None and min_agreement is None:
+        return None
+    return Gates(max_rel_error, min_agreement, tuple(gate_outputs))
+
+
+def _recipe(passes: tuple[str, ...], recipe_file: str | None) -> Recipe:
+    if passes and recipe_file:
+        raise click.UsageError("give either -p options or --recipe, not both")
+    if recipe_file:
+        return Recipe.from_file(recipe_file)
+    if not passes:
+        raise click.UsageError("no passes: give -p NAME:KEY=VALUE or --recipe FILE")
+    return Recipe.from_options(passes)
+
+
+@click.group()
+@click.version_option(package_name="onnxcompress")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress and show tracebacks.")
+def main(verbose: bool) -> None:
+    """Compress ONNX models with graph-rewriting passes, validated in onnxruntime."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the result.")
+@click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically).")
+@click.option(
+    "-p",
+    "--pass",
+    "passes",
+    multiple=True,
+    metavar="NAME[:KEY=VALUE,...]",
+    help="A pass and its options, in order (repeatable).",
+)
+@click.option("--recipe", "recipe_file", type=click.Path(), help="A TOML or JSON recipe.")
+@click.option("--calibration", type=click.Path(), help="A .npz or a folder of .npy feeds.")
+@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--no-validate", is_flag=True, help="Skip the onnxruntime comparison.")
+@click.option("--keep-failed", is_flag=True, help="Write the output even when a gate fails.")
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Force weights into (or out of) a .data file; default: by size and input.",
+)
+@_gate_options
+@_data_options
+@_handled
+def compress(
+    model,
+    output,
+    in_place,
+    passes,
+    recipe_file,
+    calibration,
+    report_path,
+    as_json,
+    no_validate,
+    keep_failed,
+    external_data,
+    max_rel_error,
+    min_agreement,
+    gate_outputs,
+    dims,
+    samples,
+    batch_size,
+    seed,
+) -> None:
+    """Compress MODEL with the given passes and print the report."""
+    target = _output_path(model, output, in_place)
+    options = Options(parse_dims(dims), not no_validate, samples, batch_size, seed=seed)
+    gates = _gates(max_rel_error, min_agreement, gate_outputs)
+    if gates and no_validate:
+        raise click.UsageError("gates need validation; drop --no-validate")
+    try:
+        report = compress_file(
+            model,
+            target,
+            _recipe(passes, recipe_file),
+            calibration,
+            gates,
+            options,
+            keep_failed=keep_failed,
+            external_data=external_data,
+            report_path=report_path,
+        )
+    except ToleranceExceeded as missed:
+        _echo_report(missed.report, as_json)
+        kept = f"; wrote {target} anyway (--keep-failed)" if keep_failed else "; nothing written"
+        raise _Fail(f"gate missed: {missed}{kept}", EXIT_GATE) from None
+    _echo_report(report, as_json)
+    click.echo(f"wrote {target}", err=True)
+
+
+def _output_path(model: Path, output: Path | None, in_place: bool) -> Path:
+    if in_place:
+        if output is not None:
+            raise click.UsageError("give either -o or --in-place, not both")
+        return model
+    if output is None:
+        raise click.UsageError("give an output file with -o (or --in-place)")
+    if output.exists() and model.exists() and output.resolve() == model.resolve():
+        raise click.UsageError("the output is the input file; use --in-place to replace it")
+    return output
+
+
+def _echo_report(report, as_json: bool) -> None:
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.to_text())
+
+
+@main.command(name="inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--dim",
+    "dims",
+    multiple=True,
+    metavar="NAME=N|INPUT:AXIS=N",
+    help="Size of a symbolic input dimension, for MACs (repeatable).",
+)
+@_handled
+def inspect_command(model, as_json, dims) -> None:
+    """Per-layer table of MODEL: op, weight shape, params, MACs, which passes apply."""
+    shapes = _input_shapes(model, parse_dims(dims)) if dims else None
+    result = inspect_model(model, shapes)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.to_text())
+
+
+def _input_shapes(model: Path, dims: dict[str, int]) -> dict[str, list[int]]:
+    """Concrete input shapes where ``dims`` settles every symbolic size; others are left out."""
+    from onnxcompress.calibration import input_specs
+    from onnxcompress.errors import BadData
+    from onnxcompress.normalize import normalize
+
+    loaded = model_io.load(model)
+    normalize(loaded.model)
+    shapes = {}
+    for spec in input_specs(loaded.model):
+        try:
+            shapes[spec.name] = list(spec.shape(dims))
+        except BadData:
+            continue
+    return shapes
+
+
+@main.command(name="validate")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(), help="A .npz or a folder of .npy feeds.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--latency-runs", default=20, show_default=True, help="Timed runs per model.")
+@_gate_options
+@_data_options
+@_handled
+def validate_command(
+    reference,
+    candidate,
+    data,
+    as_json,
+    latency_runs,
+    max_rel_error,
+    min_agreement,
+    gate_outputs,
+    dims,
+    samples,
+    batch_size,
+    seed,
+) -> None:
+    """Compare CANDIDATE with REFERENCE in onnxruntime: errors, agreement, latency."""
+    from onnxcompress.normalize import normalize
+
+    ref_model = model_io.load(reference).model
+    model_io.load(candidate)  # a clear error for a bad candidate file before any work
+    normalize(ref_model)
+    dim_values = parse_dims(dims)
+    feeds = (
+        load_feeds(data, ref_model, dim_values, batch_size)
+        if data
+        else synthetic_feeds(ref_model, dim_values, samples, seed)
+    )
+    result = validate(reference, candidate, feeds, latency_runs=latency_runs)
+    click.echo(
+        json.dumps(validation_dict(result), indent=2)
+        if as_json
+        else "\n".join(validation_table(result))
+    )
+    gates = _gates(max_rel_error, min_agreement, gate_outputs)
+    failures = gate_failures(result, max_rel_error, min_agreement, gate_outputs) if gates else []
+    if failures:
+        raise _Fail("gate missed: " + "; ".join(failures), EXIT_GATE)
+
+
+@main.command()
+def passes() -> None:
+    """List every pass: its rewrite and its options with defaults."""
+    for name, cls in PASSES.items():
+        click.echo(f"{name}: {cls.summary()}")
+        for f in dataclasses.fields(cls.Config):
+            click.echo(f"    {f.name} = {f.default!r}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output-dir", required=True, type=click.Path(path_type=Path))
+@click.option("-p", "--pass", "passes", multiple=True, metavar="NAME[:KEY=VALUE,...]")
+@click.option("--recipe", "recipe_file", type=click.Path())
+@click.option("--calibration", type=click.Path(), help="Feeds used for every model.")
+@click.option("--jobs", default=1, show_default=True, help="Models compressed in parallel.")
+@click.option("--no-validate", is_flag=True)
+@_gate_options
+@_data_options
+@_handled
+def batch(
+    inputs,
+    output_dir,
+    passes,
+    recipe_file,
+    calibration,
+    jobs,
+    no_validate,
+    max_rel_error,
+    min_agreement,
+    gate_outputs,
+    dims,
+    samples,
+    batch_size,
+    seed,
+) -> None:
+    """Compress many models (files, folders, globs) into OUTPUT_DIR; exit 1 if any failed."""
+    recipe = _recipe(passes, recipe_file)
+    recipe.build()  # a recipe error stops the batch before any model
+    models = _collect_models(inputs)
+    if not models:
+        raise _Fail("no .onnx models found in the given inputs", EXIT_USAGE)
+    job = {
+        "recipe": recipe.to_dict(),
+        "calibration": calibration,
+        "gates": _gates(max_rel_error, min_agreement, gate_outputs),
+        "options": Options(parse_dims(dims), not no_validate, samples, batch_size, seed=seed),
+    }
+    targets = _targets(models, output_dir)
+    results = _run_batch(models, targets, job, jobs)
+    rows = [[r["model"], r["status"], r.get("ratio", "-"), r.get("detail", "")] for r in results]
+    click.echo("\n".join(table(["model", "status", "params ratio", "detail"], rows)))
+    write_json(output_dir / "summary.json", {"models": results})
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        raise _Fail(f"{len(failed)} of {len(results)} models failed", EXIT_GATE)
+
+
+def _collect_models(inputs: tuple[str, ...]) -> list[Path]:
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(path.glob("*.onnx"))
+        elif any(ch in item for ch in "*?["):
+            found += sorted(Path(p) for p in glob.glob(item))
+        else:
+            found.append(path)
+    return list(dict.fromkeys(found))
+
+
+def _targets(models: list[Path], output_dir: Path) -> list[Path]:
+    """One output per model; the same file name from two folders gets a numbered suffix."""
+    seen: dict[str, int] = {}
+    targets = []
+    for model in models:
+        count = seen.get(model.name, 0)
+        seen[model.name] = count + 1
+        name = model.name if count == 0 else f"{model.stem}-{count}{model.suffix}"
+        targets.append(output_dir / name)
+    return targets
+
+
+def _run_batch(models, targets, job, jobs) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    with click.progressbar(length=len(models), label="compressing", file=sys.stderr) as bar:
+        if jobs <= 1:
+            for model, target in zip(models, targets):
+                results.append(_batch_one(model, target, job))
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=jobs) as pool:
+                for result in pool.map(_batch_one, models, targets, [job] * len(models)):
+                    results.append(result)
+                    bar.update(1)
+    return results
+
+
+def _batch_one(model: Path, target: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """Compress one model of a batch; never raises, the result says what happened."""
+    result: dict[str, Any] = {"model": str(model), "output": str(target)}
+    report_path = target.with_suffix(".report.json")
+    try:
+        report = compress_file(
+            model,
+            target,
+            Recipe.from_dict(job["recipe"]),
+            job["calibration"],
+            job["gates"],
+            job["options"],
+            report_path=report_path,
+        )
+    except ToleranceExceeded as missed:
+        return {**result, "status": "gate missed", "detail": str(missed), "output": None}
+    except OnnxCompressError as exc:
+        return {**result, "status": "failed", "detail": str(exc), "output": None}
+    except Exception as exc:  # one broken model must not stop the batch
+        return {**result, "status": "failed", "detail": f"internal error: {exc}", "output": None}
+    result["status"] = "ok"
+    result["report"] = str(report_path)
+    if report.after and report.after.params:
+        result["ratio"] = f"{report.before.params / report.after.params:.2f}x"
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,125 @@
+"""The pass contract: a CompressionPass rewrites a model in place and reports every layer."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.graph import Shapes, node_label
+
+
+class Skip(Exception):
+    """Raised while handling one layer: leave it as it is, for this reason."""
+
+
+@dataclass
+class LayerReport:
+    """What a pass did to one candidate layer, or why it left it alone."""
+
+    node: str
+    op_type: str
+    action: str  # "rewritten" or "skipped"
+    reason: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    weight_error: float | None = None  # relative Frobenius error ||W - W'|| / ||W||
+
+    @classmethod
+    def skipped(cls, node: ir.Node, reason: str) -> LayerReport:
+        return cls(node_label(node), node.op_type, "skipped", reason=reason)
+
+
+@dataclass
+class PassReport:
+    name: str
+    config: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.action == "rewritten"]
+
+    def totals(self) -> dict[str, int]:
+        """Sums over the rewritten layers (skipped layers are unchanged by definition)."""
+        keys = ("params_before", "params_after", "bytes_before", "bytes_after")
+        sums = {key: sum(getattr(layer, key) for layer in self.rewritten) for key in keys}
+        for key in ("macs_before", "macs_after"):
+            sums[key] = sum(getattr(layer, key) or 0 for layer in self.rewritten)
+        sums["layers_rewritten"] = len(self.rewritten)
+        sums["layers_skipped"] = len(self.layers) - len(self.rewritten)
+        return sums
+
+
+@dataclass
+class PassContext:
+    """What passes share: data, the teacher model, shapes, a seeded RNG, progress."""
+
+    shapes: Shapes = field(default_factory=dict)
+    calibration: list[dict[str, np.ndarray]] | None = None
+    teacher: ir.Model | None = None
+    seed: int = 0
+    progress: Callable[[str], None] | None = None
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+
+class CompressionPass:
+    """Base class. Subclasses set ``name``, a frozen ``Config`` dataclass and ``run``.
+
+    The first line of a subclass docstring states its rewrite; ``onnxcompress passes`` shows it.
+    """
+
+    name: ClassVar[str]
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0]
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    @classmethod
+    def applies(cls, node: ir.Node) -> bool:
+        """Whether ``node`` is a candidate this pass would try to rewrite (for ``inspect``)."""
+        return False
+
+    def required_opset(self, model: ir.Model) -> int | None:
+        """The default-domain opset this pass needs for ``model``, if newer than it has."""
+        return None
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassReport:
+        raise NotImplementedError
+
+
+def excluded(node: ir.Node, patterns: tuple[str, ...]) -> bool:
+    """True when the node's name matches one of the user's ``exclude`` glob patterns."""
+    return any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in patterns)
+
+
+def check_fields(config: Any, rules: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """Raise ValueError naming the first field whose value breaks its rule."""
+    for key, (ok, expectation) in rules.items():
+        value = getattr(config, key)
+        if value is not None and not ok(value):
+            raise ValueError(f"{key}={value!r}: must be {expectation}")

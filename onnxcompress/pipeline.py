@@ -1,0 +1,256 @@
+"""Run a recipe: normalize, upgrade the opset if a pass needs it, run each pass and check the
+graph after it, validate against the original in onnxruntime, gate, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from onnxcompress import model_io
+from onnxcompress.calibration import Feed, load_feeds, synthetic_feeds
+from onnxcompress.errors import BadModel, CannotRun, PassBrokeGraph, ToleranceExceeded
+from onnxcompress.graph import (
+    default_opset,
+    infer_shapes,
+    model_macs,
+    stripped_proto,
+    weight_params,
+)
+from onnxcompress.normalize import normalize
+from onnxcompress.passes.base import CompressionPass, PassContext
+from onnxcompress.recipe import Recipe
+from onnxcompress.report import CompressionReport, ModelStats
+from onnxcompress.validate import Runner, compare, gate_failures
+
+logger = logging.getLogger(__name__)
+
+RECIPE_METADATA_KEY = "onnxcompress.recipe"
+
+
+@dataclass(frozen=True)
+class Gates:
+    """The user's tolerance: a result missing any gate is refused."""
+
+    max_rel_error: float | None = None
+    min_agreement: float | None = None
+    outputs: tuple[str, ...] = ()  # restrict gates to these outputs (all when empty)
+
+    def as_dict(self) -> dict[str, Any]:
+        gates = {"max_rel_error": self.max_rel_error, "min_agreement": self.min_agreement}
+        if self.outputs:
+            gates["outputs"] = list(self.outputs)
+        return {k: v for k, v in gates.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to run a recipe besides the recipe itself."""
+
+    dims: Mapping[str, int] | None = None
+    validate: bool = True
+    samples: int = 8  # synthetic feeds when no data is given
+    batch_size: int = 8
+    max_feeds: int | None = 64  # at most this many calibration batches are used
+    latency_runs: int = 20
+    seed: int = 0
+    progress: Callable[[str], None] | None = None
+
+
+def compress(
+    model: model_io.ModelLike,
+    recipe: Recipe | Sequence[str],
+    calibration: str | Path | Sequence[Feed] | None = None,
+    tolerance: Gates | None = None,
+    options: Options | None = None,
+) -> tuple[Any, CompressionReport]:
+    """Compress ``model`` with ``recipe``; return the result (same kind as given) and a report.
+
+    Raises ToleranceExceeded (with ``.model`` and ``.report``) when a gate is missed.
+    """
+    loaded = model_io.load(model)
+    result, report = run_recipe(loaded, recipe, calibration, tolerance, options or Options())
+    return model_io.convert_back(result, loaded.kind), report
+
+
+def run_recipe(
+    loaded: model_io.Loaded,
+    recipe: Recipe | Sequence[str],
+    calibration: str | Path | Sequence[Feed] | None,
+    tolerance: Gates | None,
+    options: Options,
+) -> tuple[ir.Model, CompressionReport]:
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_options(list(recipe))
+    passes = recipe.build()  # every recipe error surfaces before any work
+    model = loaded.model
+    notes = normalize(model)
+    feeds = _feeds(calibration, model, options)
+    input_shapes = {name: list(array.shape) for name, array in feeds[0].items()} if feeds else {}
+    reference = _reference_runner(loaded, model, options, notes)
+    try:
+        baseline = _checks_that_hold(model, reference is not None)
+        model = _upgrade_opset(model, passes, notes)
+        report = CompressionReport(
+            before=_stats(model, input_shapes, loaded.path),
+            normalization=notes,
+            input_shapes=input_shapes,
+            source=str(loaded.path) if loaded.path else None,
+        )
+        ctx = PassContext(calibration=feeds, seed=options.seed, progress=options.progress)
+        for compression_pass in passes:
+            report.passes.append(_run_pass(compression_pass, model, ctx, input_shapes, baseline))
+        model.metadata_props[RECIPE_METADATA_KEY] = json.dumps(recipe.to_dict())
+        report.after = _stats(model, input_shapes, None)
+        if options.validate and reference is not None:
+            _validate(report, reference, model, feeds, tolerance, options)
+    finally:
+        if reference is not None:
+            reference.close()
+    if report.gate_failures:
+        error = ToleranceExceeded("; ".join(report.gate_failures), report)
+        error.model = model
+        raise error
+    return model, report
+
+
+def _feeds(calibration, model: ir.Model, options: Options) -> list[Feed]:
+    if calibration is None:
+        if not options.validate:
+            return []
+        return synthetic_feeds(model, options.dims or {}, options.samples, options.seed)
+    if isinstance(calibration, (str, Path)):
+        return load_feeds(calibration, model, options.dims, options.batch_size, options.max_feeds)
+    return list(calibration)
+
+
+def _reference_runner(loaded, model: ir.Model, options: Options, notes: list[str]) -> Runner | None:
+    """A session on the original model, built before any pass touches it."""
+    try:
+        return Runner(model, "original model")
+    except CannotRun as exc:
+        if options.validate:
+            raise CannotRun(f"{exc}; pass --no-validate to compress without validation") from None
+        notes.append(f"not validated: {exc}")
+        return None
+
+
+def _checks_that_hold(model: ir.Model, runs_in_onnxruntime: bool) -> list[str]:
+    """The checks the original passes; each pass must keep passing them."""
+    return [name for name in ("checker", "shapes") if _check(name, model) is None] + (
+        ["onnxruntime"] if runs_in_onnxruntime else []
+    )
+
+
+def _check(name: str, model: ir.Model) -> str | None:
+    """Run one check; return its failure message, or None when it passes."""
+    try:
+        if name == "onnxruntime":
+            Runner(model, "rewritten model").close()
+            return None
+        with stripped_proto(model) as proto:
+            if name == "checker":
+                onnx.checker.check_model(proto)
+            else:
+                onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        return str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def _upgrade_opset(model: ir.Model, passes: list[CompressionPass], notes: list[str]) -> ir.Model:
+    """Convert to the newest opset a pass asks for (old models only); note it."""
+    needs = {p.name: p.required_opset(model) for p in passes}
+    needs = {name: opset for name, opset in needs.items() if opset}
+    if not needs:
+        return model
+    target = max(needs.values())
+    current = default_opset(model)
+    try:
+        proto = onnx.version_converter.convert_version(ir.to_proto(model), target)
+    except Exception as exc:
+        raise BadModel(f"cannot upgrade opset {current} to {target}: {exc}") from None
+    notes.append(f"upgraded opset {current} -> {target} (needed by {', '.join(sorted(needs))})")
+    return ir.from_proto(proto)
+
+
+def _run_pass(compression_pass, model, ctx, input_shapes, baseline):
+    ctx.shapes = infer_shapes(model, input_shapes)
+    logger.info("running pass %s", compression_pass.name)
+    report = compression_pass.run(model, ctx)
+    RemoveUnusedNodesPass()(model)
+    for name in baseline:
+        failure = _check(name, model)
+        if failure:
+            raise PassBrokeGraph(f"pass {compression_pass.name} broke the {name} check: {failure}")
+    return report
+
+
+def _stats(model: ir.Model, input_shapes, path: Path | None) -> ModelStats:
+    params, nbytes = weight_params(model)
+    macs = model_macs(model, infer_shapes(model, input_shapes))
+    file_bytes = model_io.size_on_disk(path) if path else None
+    return ModelStats(params, nbytes, macs, file_bytes)
+
+
+def _validate(report, reference, model, feeds, tolerance, options) -> None:
+    candidate = Runner(model, "compressed model")
+    try:
+        report.validation = compare(reference, candidate, feeds, latency_runs=options.latency_runs)
+    finally:
+        candidate.close()
+    if tolerance:
+        report.gates = tolerance.as_dict()
+        report.gate_failures = gate_failures(
+            report.validation, tolerance.max_rel_error, tolerance.min_agreement, tolerance.outputs
+        )
+
+
+def compress_file(
+    source: str | Path,
+    output: str | Path,
+    recipe: Recipe | Sequence[str],
+    calibration: str | Path | None = None,
+    tolerance: Gates | None = None,
+    options: Options | None = None,
+    *,
+    keep_failed: bool = False,
+    external_data: bool | None = None,
+    report_path: str | Path | None = None,
+) -> CompressionReport:
+    """Compress a file into another (or the same, atomically); write the JSON report if asked.
+
+    On a missed gate nothing is written unless ``keep_failed``; ToleranceExceeded is raised
+    either way, after the report file is written.
+    """
+    loaded = model_io.load(source)
+    try:
+        model, report = run_recipe(loaded, recipe, calibration, tolerance, options or Options())
+    except ToleranceExceeded as missed:
+        if keep_failed:
+            _save_with_sizes(missed.model, output, missed.report, external_data)
+        if report_path:
+            write_json(report_path, missed.report.to_dict())
+        raise
+    _save_with_sizes(model, output, report, external_data)
+    if report_path:
+        write_json(report_path, report.to_dict())
+    return report
+
+
+def _save_with_sizes(model, output, report: CompressionReport, external_data) -> None:
+    model_io.save(model, output, external_data=external_data)
+    report.output = str(output)
+    if report.after is not None:
+        report.after.file_bytes = model_io.size_on_disk(output)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (temporary file beside it, then rename)."""
+    model_io.write_text_atomically(Path(path), json.dumps(data, indent=2) + "\n")
