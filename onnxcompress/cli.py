@@ -287,10 +287,10 @@ def validate_command(
     seed,
 ) -> None:
     """Compare CANDIDATE with REFERENCE in onnxruntime: errors, agreement, latency."""
-    from onnxcompress.normalize import normalize
+    from onnxcompress.normalize import check_opset, normalize
 
     ref_model = model_io.load(reference).model
-    model_io.load(candidate)  # a clear error for a bad candidate file before any work
+    check_opset(model_io.load(candidate).model)  # a clear error for a bad candidate first
     normalize(ref_model)
     dim_values = parse_dims(dims)
     feeds = (

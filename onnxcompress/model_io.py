@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,11 @@ class Loaded:
     model: ir.Model
     kind: str  # "path", "bytes", "proto", "ir", "graphsurgeon"
     path: Path | None = None
+    uses_external_data: bool = field(init=False)
 
-    @property
-    def uses_external_data(self) -> bool:
-        return any(isinstance(v.const_value, ir.ExternalTensor) for v in _initializers(self.model))
+    def __post_init__(self) -> None:
+        # Remembered now: passes replace weights, and the output should follow the input's form.
+        self.uses_external_data = _has_external(self.model)
 
 
 def load(source: ModelLike) -> Loaded:

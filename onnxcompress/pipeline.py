@@ -230,6 +230,8 @@ def compress_file(
     either way, after the report file is written.
     """
     loaded = model_io.load(source)
+    if external_data is None and loaded.uses_external_data:
+        external_data = True  # keep the input's form
     try:
         model, report = run_recipe(loaded, recipe, calibration, tolerance, options or Options())
     except ToleranceExceeded as missed:

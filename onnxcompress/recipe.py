@@ -122,9 +122,9 @@ def coerce(raw: Any, hint: Any) -> Any:
     """Convert a recipe value (string from the command line, or TOML/JSON scalar) to ``hint``."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if raw is None or (isinstance(raw, str) and raw.strip().lower() in _NONE_WORDS):
-            if type(None) in args:
-                return None
+        is_none = raw is None or (isinstance(raw, str) and raw.strip().lower() in _NONE_WORDS)
+        if is_none and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return coerce(raw, inner[0])
     if typing.get_origin(hint) is tuple:

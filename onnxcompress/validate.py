@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 #: Models whose weights exceed this go to onnxruntime through a temporary file, not bytes.
 _IN_MEMORY_LIMIT = 1 << 30
+#: Lets a model handed over as bytes find external data files in a folder.
+_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 class Runner:
@@ -32,18 +34,20 @@ class Runner:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(
-                self._source(model), options, providers=["CPUExecutionProvider"]
-            )
+            source = self._source(model, options)
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several unrelated types
             self.close()
             raise CannotRun(f"onnxruntime cannot run the {label}: {_first_line(exc)}") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def _source(self, model: ir.Model | str | Path) -> str | bytes:
+    def _source(self, model: ir.Model | str | Path, options: ort.SessionOptions) -> str | bytes:
         if not isinstance(model, ir.Model):
             return str(model)
-        if weight_bytes(model) <= _IN_MEMORY_LIMIT:
+        folders = _external_folders(model)
+        if weight_bytes(model) <= _IN_MEMORY_LIMIT and len(folders) <= 1:
+            if folders:  # weights still mapped from the input's data file: point there
+                options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, folders.pop())
             return ir.to_proto(model).SerializeToString()
         self._tmp = Path(tempfile.mkdtemp(prefix="onnxcompress-session-"))
         path = self._tmp / "model.onnx"
@@ -60,6 +64,15 @@ class Runner:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def _external_folders(model: ir.Model) -> set[str]:
+    return {
+        str(value.const_value.base_dir)
+        for graph in model.graphs()
+        for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
 
 
 def _first_line(exc: BaseException) -> str:
@@ -120,8 +133,6 @@ class _Accumulator:
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         if ref.shape != cand.shape:
             raise CannotRun(f"output {self.name!r}: shape {cand.shape} differs from {ref.shape}")
-        if ref.dtype.kind not in "fc":
-            ref, cand = ref.astype(np.float64), cand.astype(np.float64)
         r, c = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
         diff = r - c
         self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
