@@ -126,7 +126,7 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, location):
         entry.key, entry.value = key, value
     path = folder / "m.onnx"
     path.write_bytes(proto.SerializeToString())
-    with pytest.raises(BadModel, match="absolute|outside the model's folder"):
+    with pytest.raises(BadModel, match=r"absolute|outside the model's folder"):
         model_io.load(path)
 
 

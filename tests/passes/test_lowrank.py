@@ -199,7 +199,7 @@ def test_unsupported_weights_are_skipped_with_reason(reason):
     text = NEGATIVE[reason]
     text = text.replace("{WEIGHTS3}", "{" + ", ".join(["1"] * 2 * 64 * 64) + "}")
     text = text.replace("{WEIGHTS}", "{" + ", ".join(["1"] * 64 * 64) + "}")
-    result, report = compress(parse(text), ["lowrank:rank=2"], options=NO_VALIDATE)
+    _, report = compress(parse(text), ["lowrank:rank=2"], options=NO_VALIDATE)
     reasons = [layer.reason for layer in report.passes[0].layers]
     assert any(reason in (r or "") for r in reasons), reasons
     assert not report.passes[0].rewritten
