@@ -100,15 +100,15 @@ def stripped_proto(model: ir.Model) -> Iterator[onnx.ModelProto]:
     only to look at types and shapes would be wasteful (and fails past 2 GiB).
     """
     graph = model.graph
-    moved: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    moved: list[tuple[ir.Value, ir.TensorProtocol, ir.Shape | None, ir.TypeProtocol | None]] = []
     n_inputs = len(graph.inputs)
     for value in list(graph.initializers.values()):
         tensor = value.const_value
         if tensor is None or tensor.nbytes <= _STRIP_ABOVE_BYTES:
             continue
+        moved.append((value, tensor, value.shape, value.type))
         value.shape = value.shape or ir.Shape(tensor.shape)
         value.dtype = value.dtype or tensor.dtype
-        moved.append((value, tensor))
         graph.initializers.pop(value.name)
         value.const_value = None
         if not value.is_graph_input():
@@ -118,8 +118,9 @@ def stripped_proto(model: ir.Model) -> Iterator[onnx.ModelProto]:
     finally:
         while len(graph.inputs) > n_inputs:
             graph.inputs.pop()
-        for value, tensor in moved:
+        for value, tensor, shape, type_ in moved:
             value.const_value = tensor
+            value.shape, value.type = shape, type_  # so no value_info is added on save
             graph.register_initializer(value)
 
 
@@ -181,6 +182,15 @@ def node_macs(node: ir.Node, shapes: Shapes) -> int | None:
         inner = ins[0][-1]
         return math.prod(out) * inner
     return None
+
+
+def mac_operands(model: ir.Model) -> set[str]:
+    """Names of the activations whose shapes MAC counting needs."""
+    names = set()
+    for node in model.graph:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.inputs:
+            names.update(v.name for v in (node.inputs[0], node.outputs[0]) if v is not None)
+    return names
 
 
 def model_macs(model: ir.Model, shapes: Shapes) -> int:

@@ -6,12 +6,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import model_io
-from onnxcompress.graph import default_opset, infer_shapes, node_label, node_macs, weight_params
+from onnxcompress.calibration import Feed, input_specs
+from onnxcompress.graph import default_opset, model_macs, node_label, node_macs, weight_params
 from onnxcompress.normalize import normalize
 from onnxcompress.passes import PASSES
+from onnxcompress.pipeline import resolve_shapes
 from onnxcompress.report import table
 
 #: A constant input with fewer elements than this is a shape or scalar, not a weight.
@@ -74,7 +77,7 @@ def inspect_model(
     loaded = model_io.load(source)
     model = loaded.model
     notes = normalize(model)
-    shapes = infer_shapes(model, input_shapes or {})
+    shapes = resolve_shapes(model, _zeros_feed(model, input_shapes), input_shapes or {})
     params, nbytes = weight_params(model)
     layers = [_layer(node, shapes) for node in model.graph if _weights(node)]
     return Inspection(
@@ -83,12 +86,21 @@ def inspect_model(
         nodes=sum(1 for _ in model.graph),
         params=params,
         weight_bytes=nbytes,
-        macs=sum(layer.macs or 0 for layer in layers),
+        macs=model_macs(model, shapes),
         file_bytes=model_io.size_on_disk(loaded.path) if loaded.path else None,
         input_shapes=input_shapes or {},
         layers=layers,
         notes=notes,
     )
+
+
+def _zeros_feed(model: ir.Model, input_shapes: dict[str, list[int]] | None) -> list[Feed]:
+    """A feed of zeros when every input has a concrete shape, so onnxruntime can fill in
+    the shapes inference misses; none otherwise."""
+    specs = input_specs(model)
+    if not input_shapes or any(s.name not in input_shapes for s in specs):
+        return []
+    return [{s.name: np.zeros(input_shapes[s.name], s.dtype) for s in specs}]
 
 
 def _weights(node: ir.Node) -> dict[str, list[int]]:

@@ -18,8 +18,10 @@ from onnxcompress import model_io
 from onnxcompress.calibration import Feed, load_feeds, synthetic_feeds
 from onnxcompress.errors import BadModel, CannotRun, PassBrokeGraph, ToleranceExceeded
 from onnxcompress.graph import (
+    Shapes,
     default_opset,
     infer_shapes,
+    mac_operands,
     model_macs,
     stripped_proto,
     weight_params,
@@ -28,7 +30,7 @@ from onnxcompress.normalize import normalize
 from onnxcompress.passes.base import CompressionPass, PassContext
 from onnxcompress.recipe import Recipe
 from onnxcompress.report import CompressionReport, ModelStats
-from onnxcompress.validate import Runner, compare, gate_failures
+from onnxcompress.validate import Runner, compare, gate_failures, observe_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +100,18 @@ def run_recipe(
         baseline = _checks_that_hold(model, reference is not None)
         model = _upgrade_opset(model, passes, notes)
         report = CompressionReport(
-            before=_stats(model, input_shapes, loaded.path),
+            before=_stats(model, resolve_shapes(model, feeds, input_shapes), loaded.path),
             normalization=notes,
             input_shapes=input_shapes,
             source=str(loaded.path) if loaded.path else None,
         )
         ctx = PassContext(calibration=feeds, seed=options.seed, progress=options.progress)
         for compression_pass in passes:
-            report.passes.append(_run_pass(compression_pass, model, ctx, input_shapes, baseline))
+            report.passes.append(
+                _run_pass(compression_pass, model, ctx, feeds, input_shapes, baseline)
+            )
         model.metadata_props[RECIPE_METADATA_KEY] = json.dumps(recipe.to_dict())
-        report.after = _stats(model, input_shapes, None)
+        report.after = _stats(model, resolve_shapes(model, feeds, input_shapes), None)
         if options.validate and reference is not None:
             _validate(report, reference, model, feeds, tolerance, options)
     finally:
@@ -180,8 +184,17 @@ def _upgrade_opset(model: ir.Model, passes: list[CompressionPass], notes: list[s
     return ir.from_proto(proto)
 
 
-def _run_pass(compression_pass, model, ctx, input_shapes, baseline):
-    ctx.shapes = infer_shapes(model, input_shapes)
+def resolve_shapes(model: ir.Model, feeds: list[Feed], input_shapes) -> Shapes:
+    """Inferred shapes, completed by one onnxruntime run where inference gives up."""
+    shapes = infer_shapes(model, input_shapes)
+    unknown = [n for n in mac_operands(model) if None in shapes.get(n, (None,))]
+    if unknown and feeds:
+        shapes.update(observe_shapes(model, feeds[0], unknown))
+    return shapes
+
+
+def _run_pass(compression_pass, model, ctx, feeds, input_shapes, baseline):
+    ctx.shapes = resolve_shapes(model, feeds, input_shapes)
     logger.info("running pass %s", compression_pass.name)
     report = compression_pass.run(model, ctx)
     RemoveUnusedNodesPass()(model)
@@ -192,9 +205,9 @@ def _run_pass(compression_pass, model, ctx, input_shapes, baseline):
     return report
 
 
-def _stats(model: ir.Model, input_shapes, path: Path | None) -> ModelStats:
+def _stats(model: ir.Model, shapes: Shapes, path: Path | None) -> ModelStats:
     params, nbytes = weight_params(model)
-    macs = model_macs(model, infer_shapes(model, input_shapes))
+    macs = model_macs(model, shapes)
     file_bytes = model_io.size_on_disk(path) if path else None
     return ModelStats(params, nbytes, macs, file_bytes)
 

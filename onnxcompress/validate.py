@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -64,6 +65,31 @@ class Runner:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def observe_shapes(model: ir.Model, feed: Feed, names: Iterable[str]) -> dict[str, tuple]:
+    """Shapes of the named activations as onnxruntime computes them on ``feed``.
+
+    The fallback where onnx's shape inference gives up (dynamic Reshape chains in exports).
+    """
+    wanted = [n for n in dict.fromkeys(names) if n]
+    proto = ir.to_proto(model)
+    present = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in present)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    folders = _external_folders(model)
+    if len(folders) == 1:
+        options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, folders.pop())
+    try:
+        session = ort.InferenceSession(
+            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        arrays = session.run(wanted, feed)
+    except Exception as exc:  # accounting only: never fatal
+        logger.debug("observing shapes failed: %s", exc)
+        return {}
+    return {name: tuple(np.shape(a)) for name, a in zip(wanted, arrays)}
 
 
 def _external_folders(model: ir.Model) -> set[str]:
