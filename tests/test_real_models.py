@@ -1,0 +1,117 @@
+"""The real pretrained models in ../shared/real through inspect, compress and validate, and the
+trained fixtures on real held-out data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from click.testing import CliRunner
+
+from fixtures.mnist import mnist_split
+from onnxcompress import compress
+from onnxcompress.cli import main
+from onnxcompress.pipeline import Options
+from tests.conftest import FIXTURES, run, sha256
+
+# Symbolic sizes each real model needs: a small, realistic input for every one.
+REAL_DIMS = {
+    "mnist-8.onnx": [],
+    "ppocr_mobile_v2_cls.onnx": ["x:0=1", "x:2=48", "x:3=192"],
+    "ppocrv4_det.onnx": [
+        "p2o.DynamicDimension.0=1",
+        "p2o.DynamicDimension.1=160",
+        "p2o.DynamicDimension.2=160",
+    ],
+    "ppocrv4_rec.onnx": ["p2o.DynamicDimension.0=1", "x:2=48", "p2o.DynamicDimension.1=160"],
+    "ultraface_rfb320.onnx": [],
+}
+
+
+def _dims(name: str) -> list[str]:
+    return [arg for dim in REAL_DIMS[name] for arg in ("--dim", dim)]
+
+
+@pytest.mark.parametrize("name", sorted(REAL_DIMS))
+def test_inspect_compress_validate_every_real_model(real, tmp_path, name):
+    source = real / name
+    before = sha256(source)
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", str(source), "--json", *_dims(name)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["params"] > 0
+    out = tmp_path / name
+    args = ["compress", str(source), "-o", str(out), "-p", "lowrank:energy=0.9", "--json"]
+    result = runner.invoke(main, [*args, "--samples", "2", *_dims(name)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["validation"]["outputs"], "validation must report fidelity"
+    assert report["after"]["file_bytes"] == out.stat().st_size
+    result = runner.invoke(
+        main,
+        ["validate", str(source), str(out), "--samples", "2", "--latency-runs", "2", *_dims(name)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "rel L2" in result.stdout
+    assert sha256(source) == before
+
+
+def test_paddle_metadata_and_constant_weights_survive(real):
+    result, report = compress(
+        str(real / "ppocrv4_rec.onnx"),
+        ["lowrank:energy=0.9"],
+        options=Options(validate=False),
+    )
+    assert "character" in result.metadata_props
+    assert any("lifted 420 Constant-node" in note for note in report.normalization)
+    assert len(report.passes[0].rewritten) >= 3
+
+
+def _mnist_test_set(real):
+    with gzip.open(real / "t10k-images-idx3-ubyte.gz") as stream:
+        images = np.frombuffer(stream.read(), np.uint8, offset=16)
+    with gzip.open(real / "t10k-labels-idx1-ubyte.gz") as stream:
+        labels = np.frombuffer(stream.read(), np.uint8, offset=8)
+    return images.reshape(-1, 1, 28, 28).astype(np.float32), labels
+
+
+def _accuracy_batch1(model, images, labels) -> float:
+    import onnxruntime as ort
+
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else None
+    source = proto.SerializeToString() if proto is not None else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    hits = sum(
+        int(session.run(None, {name: image[None]})[0].argmax() == label)
+        for image, label in zip(images, labels)
+    )
+    return hits / len(labels)
+
+
+def test_mnist8_original_accuracy_matches_the_readme_and_survives_lowrank(real):
+    images, labels = _mnist_test_set(real)
+    assert _accuracy_batch1(real / "mnist-8.onnx", images, labels) == pytest.approx(0.9891)
+    compressed, _ = compress(
+        str(real / "mnist-8.onnx"), ["lowrank:energy=0.95"], options=Options(validate=False)
+    )
+    assert _accuracy_batch1(compressed, images, labels) >= 0.9891 - 0.01
+
+
+def test_lowrank_energy_09_on_trained_mlp_halves_params_within_one_point(tmp_path):
+    """Acceptance: factorized layers >= 2x fewer params, <= 1 point drop on held-out data."""
+    _, (x_held, y_held) = mnist_split()
+    feed = {"input": x_held.reshape(len(x_held), -1)}
+    source = FIXTURES / "mnist_mlp.onnx"
+    compressed, report = compress(
+        str(source), ["lowrank:energy=0.9"], options=Options(validate=False)
+    )
+    totals = report.passes[0].totals()
+    assert totals["layers_rewritten"] >= 2
+    assert totals["params_before"] / totals["params_after"] >= 2.0
+    accuracy_before = float((run(source, feed)[0].argmax(1) == y_held).mean())
+    accuracy_after = float((run(compressed, feed)[0].argmax(1) == y_held).mean())
+    assert accuracy_before - accuracy_after <= 0.01
