@@ -58,9 +58,8 @@ class Recipe:
         try:
             data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (ValueError, tomllib.TOMLDecodeError) as exc:
-            raise RecipeError(
-                f"{path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}"
-            ) from None
+            kind = "JSON" if path.suffix == ".json" else "TOML"
+            raise RecipeError(f"{path}: not valid {kind}: {exc}") from None
         return cls.from_dict(data, str(path))
 
     @classmethod

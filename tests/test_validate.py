@@ -1,0 +1,124 @@
+"""Validation metrics on known differences, gates, and where feeds come from."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress import BadData, load, validate
+from onnxcompress.calibration import load_feeds, parse_dims, synthetic_feeds
+from onnxcompress.validate import gate_failures
+
+
+def scale_model(scale: float, shift: float = 0.0, shape=("N", 4)) -> onnx.ModelProto:
+    """Y = X * scale + shift: a candidate with a known, exact difference from scale=1."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["X", "s"], ["H"]), helper.make_node("Add", ["H", "b"], ["Y"])],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, list(shape))],
+        [
+            numpy_helper.from_array(np.array(scale, np.float32), "s"),
+            numpy_helper.from_array(np.array([shift, 0, 0, 0], np.float32), "b"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_metrics_match_closed_form():
+    feeds = [
+        {"X": np.random.default_rng(i).standard_normal((5, 4)).astype(np.float32)} for i in range(3)
+    ]
+    result = validate(load(scale_model(1.0)), load(scale_model(1.1)), feeds, latency_runs=3)
+    metrics = result.outputs[0]
+    x = np.concatenate([f["X"] for f in feeds])
+    assert metrics.rel_l2 == pytest.approx(0.1, rel=1e-5)
+    assert metrics.cosine == pytest.approx(1.0, abs=1e-6)
+    assert metrics.max_abs == pytest.approx(np.abs(0.1 * x).max(), rel=1e-5)
+    assert metrics.mean_abs == pytest.approx(np.abs(0.1 * x).mean(), rel=1e-5)
+    assert metrics.top1_agreement == 1.0  # scaling keeps the argmax
+    assert metrics.kl > 0
+    assert result.latency_ratio is not None and result.feeds == 3
+
+
+def test_agreement_counts_changed_argmax():
+    x = np.array([[0.0, 1.0, 0.5, 0.2], [1.0, 0.0, 0.0, 0.0]], np.float32)
+    result = validate(
+        load(scale_model(1.0)), load(scale_model(1.0, shift=1.5)), [{"X": x}], latency_runs=0
+    )
+    assert result.outputs[0].top1_agreement == 0.5  # first row flips to class 0
+    assert result.latency_ratio is None
+
+
+def test_identical_models_have_zero_error():
+    feeds = synthetic_feeds(load(scale_model(1.0)), {"N": 2})
+    result = validate(load(scale_model(1.0)), load(scale_model(1.0)), feeds, latency_runs=0)
+    assert result.outputs[0].rel_l2 == 0 and result.outputs[0].kl == pytest.approx(0, abs=1e-9)
+
+
+def test_gates_report_each_miss():
+    feeds = [{"X": np.ones((2, 4), np.float32)}]
+    result = validate(load(scale_model(1.0)), load(scale_model(1.5)), feeds, latency_runs=0)
+    assert gate_failures(result, max_rel_error=0.6) == []
+    failures = gate_failures(result, max_rel_error=0.1, min_agreement=1.0)
+    assert len(failures) == 1 and "relative error 0.5 > 0.1" in failures[0]
+    assert gate_failures(result, max_rel_error=0.1, outputs=["other"]) == []
+
+
+def test_synthetic_feeds_are_seeded_and_need_every_dim():
+    model = load(scale_model(1.0))
+    a, b = (
+        synthetic_feeds(model, {"N": 3}, samples=2, seed=7),
+        synthetic_feeds(model, {"N": 3}, 2, 7),
+    )
+    assert a[0]["X"].shape == (3, 4) and np.array_equal(a[1]["X"], b[1]["X"])
+    assert synthetic_feeds(model, {"X:0": 5})[0]["X"].shape == (5, 4)
+    with pytest.raises(BadData, match=r"axis 0 .* --dim N=VALUE"):
+        synthetic_feeds(model, {})
+
+
+def test_npz_and_npy_folder_feeds_are_batched(tmp_path):
+    model = load(scale_model(1.0))
+    data = np.arange(40, dtype=np.float64).reshape(10, 4)  # float64 is cast to the model's float32
+    np.savez(tmp_path / "d.npz", X=data)
+    feeds = load_feeds(tmp_path / "d.npz", model, batch_size=4)
+    assert [f["X"].shape[0] for f in feeds] == [4, 4, 2] and feeds[0]["X"].dtype == np.float32
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    np.save(folder / "X.npy", data)
+    assert len(load_feeds(folder, model, batch_size=5)) == 2
+    other = tmp_path / "batches"
+    other.mkdir()
+    for i in range(3):
+        np.save(other / f"{i}.npy", data[:2])
+    assert len(load_feeds(other, model)) == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"Y": np.ones((2, 4))}, "no array for input"),
+        ({"X": np.ones((2, 4, 1))}, "has 3 dims"),
+        ({"X": np.ones((2, 5))}, "axis 1 is 5"),
+        ({"X": np.array([["a"] * 4])}, "data is <U1"),
+    ],
+)
+def test_bad_feeds_are_named(tmp_path, content, message):
+    np.savez(tmp_path / "d.npz", **content)
+    with pytest.raises(BadData, match=message):
+        load_feeds(tmp_path / "d.npz", load(scale_model(1.0)))
+
+
+def test_pickled_npy_is_refused(tmp_path):
+    np.save(tmp_path / "X.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(BadData, match="not a readable"):
+        load_feeds(tmp_path, load(scale_model(1.0)))
+
+
+def test_parse_dims():
+    assert parse_dims(["N=2", "x:2=48", "p2o.Dim.0=3"]) == {"N": 2, "x:2": 48, "p2o.Dim.0": 3}
+    for bad in ("N", "N=0", "N=x", "=3"):
+        with pytest.raises(BadData, match="bad --dim"):
+            parse_dims([bad])
