@@ -69,6 +69,25 @@ def _dim(dim: object) -> int | str | None:
     return name if isinstance(name, str) and name not in ("", "?") else None
 
 
+def known_input_shapes(model: ir.Model, dims: Mapping[str, int]) -> dict[str, list[int]]:
+    """Concrete shapes of the inputs that ``dims`` (or the model itself) settles fully."""
+    shapes = {}
+    for spec in input_specs(model):
+        try:
+            shapes[spec.name] = list(spec.shape(dims))
+        except BadData:
+            continue
+    return shapes
+
+
+def zeros_feed(model: ir.Model, input_shapes: Mapping[str, Sequence[int]]) -> Feed | None:
+    """A feed of zeros when every input has a concrete shape, else None."""
+    specs = input_specs(model)
+    if any(spec.name not in input_shapes for spec in specs):
+        return None
+    return {spec.name: np.zeros(input_shapes[spec.name], spec.dtype) for spec in specs}
+
+
 def parse_dims(items: Sequence[str]) -> Dims:
     """Parse ``NAME=VALUE`` (a named symbolic dim) or ``INPUT:AXIS=VALUE`` options."""
     dims: Dims = {}

@@ -241,26 +241,8 @@ def _echo_report(report, as_json: bool) -> None:
 @_handled
 def inspect_command(model, as_json, dims) -> None:
     """Per-layer table of MODEL: op, weight shape, params, MACs, which passes apply."""
-    shapes = _input_shapes(model, parse_dims(dims)) if dims else None
-    result = inspect_model(model, shapes)
+    result = inspect_model(model, parse_dims(dims))
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.to_text())
-
-
-def _input_shapes(model: Path, dims: dict[str, int]) -> dict[str, list[int]]:
-    """Concrete input shapes where ``dims`` settles every symbolic size; others are left out."""
-    from onnxcompress.calibration import input_specs
-    from onnxcompress.errors import BadData
-    from onnxcompress.normalize import normalize
-
-    loaded = model_io.load(model)
-    normalize(loaded.model)
-    shapes = {}
-    for spec in input_specs(loaded.model):
-        try:
-            shapes[spec.name] = list(spec.shape(dims))
-        except BadData:
-            continue
-    return shapes
 
 
 @main.command(name="validate")

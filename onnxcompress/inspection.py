@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import model_io
-from onnxcompress.calibration import Feed, input_specs
+from onnxcompress.calibration import known_input_shapes
 from onnxcompress.graph import default_opset, model_macs, node_label, node_macs, weight_params
 from onnxcompress.normalize import normalize
 from onnxcompress.passes import PASSES
@@ -70,14 +70,13 @@ class Inspection:
         return "\n".join(lines)
 
 
-def inspect_model(
-    source: model_io.ModelLike, input_shapes: dict[str, list[int]] | None = None
-) -> Inspection:
-    """Per-layer table of a model; MACs use ``input_shapes`` where the model's are symbolic."""
+def inspect_model(source: model_io.ModelLike, dims: Mapping[str, int] | None = None) -> Inspection:
+    """Per-layer table of a model; ``dims`` sizes symbolic input dims for MAC counting."""
     loaded = model_io.load(source)
     model = loaded.model
     notes = normalize(model)
-    shapes = resolve_shapes(model, _zeros_feed(model, input_shapes), input_shapes or {})
+    input_shapes = known_input_shapes(model, dims or {})
+    shapes = resolve_shapes(model, input_shapes)
     params, nbytes = weight_params(model)
     layers = [_layer(node, shapes) for node in model.graph if _weights(node)]
     return Inspection(
@@ -88,19 +87,10 @@ def inspect_model(
         weight_bytes=nbytes,
         macs=model_macs(model, shapes),
         file_bytes=model_io.size_on_disk(loaded.path) if loaded.path else None,
-        input_shapes=input_shapes or {},
+        input_shapes=input_shapes,
         layers=layers,
         notes=notes,
     )
-
-
-def _zeros_feed(model: ir.Model, input_shapes: dict[str, list[int]] | None) -> list[Feed]:
-    """A feed of zeros when every input has a concrete shape, so onnxruntime can fill in
-    the shapes inference misses; none otherwise."""
-    specs = input_specs(model)
-    if not input_shapes or any(s.name not in input_shapes for s in specs):
-        return []
-    return [{s.name: np.zeros(input_shapes[s.name], s.dtype) for s in specs}]
 
 
 def _weights(node: ir.Node) -> dict[str, list[int]]:

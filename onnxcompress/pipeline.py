@@ -15,7 +15,13 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxcompress import model_io
-from onnxcompress.calibration import Feed, load_feeds, synthetic_feeds
+from onnxcompress.calibration import (
+    Feed,
+    known_input_shapes,
+    load_feeds,
+    synthetic_feeds,
+    zeros_feed,
+)
 from onnxcompress.errors import BadModel, CannotRun, PassBrokeGraph, ToleranceExceeded
 from onnxcompress.graph import (
     Shapes,
@@ -94,24 +100,26 @@ def run_recipe(
     model = loaded.model
     notes = normalize(model)
     feeds = _feeds(calibration, model, options)
-    input_shapes = {name: list(array.shape) for name, array in feeds[0].items()} if feeds else {}
+    input_shapes = (
+        {name: list(array.shape) for name, array in feeds[0].items()}
+        if feeds
+        else known_input_shapes(model, options.dims or {})
+    )
     reference = _reference_runner(loaded, model, options, notes)
     try:
         baseline = _checks_that_hold(model, reference is not None)
         model = _upgrade_opset(model, passes, notes)
         report = CompressionReport(
-            before=_stats(model, resolve_shapes(model, feeds, input_shapes), loaded.path),
+            before=_stats(model, resolve_shapes(model, input_shapes), loaded.path),
             normalization=notes,
             input_shapes=input_shapes,
             source=str(loaded.path) if loaded.path else None,
         )
         ctx = PassContext(calibration=feeds, seed=options.seed, progress=options.progress)
         for compression_pass in passes:
-            report.passes.append(
-                _run_pass(compression_pass, model, ctx, feeds, input_shapes, baseline)
-            )
+            report.passes.append(_run_pass(compression_pass, model, ctx, input_shapes, baseline))
         model.metadata_props[RECIPE_METADATA_KEY] = json.dumps(recipe.to_dict())
-        report.after = _stats(model, resolve_shapes(model, feeds, input_shapes), None)
+        report.after = _stats(model, resolve_shapes(model, input_shapes), None)
         if options.validate and reference is not None:
             _validate(report, reference, model, feeds, tolerance, options)
     finally:
@@ -184,17 +192,18 @@ def _upgrade_opset(model: ir.Model, passes: list[CompressionPass], notes: list[s
     return ir.from_proto(proto)
 
 
-def resolve_shapes(model: ir.Model, feeds: list[Feed], input_shapes) -> Shapes:
-    """Inferred shapes, completed by one onnxruntime run where inference gives up."""
+def resolve_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> Shapes:
+    """Inferred shapes, completed by one onnxruntime run on zeros where inference gives up."""
     shapes = infer_shapes(model, input_shapes)
     unknown = [n for n in mac_operands(model) if None in shapes.get(n, (None,))]
-    if unknown and feeds:
-        shapes.update(observe_shapes(model, feeds[0], unknown))
+    feed = zeros_feed(model, input_shapes)
+    if unknown and feed:
+        shapes.update(observe_shapes(model, feed, unknown))
     return shapes
 
 
-def _run_pass(compression_pass, model, ctx, feeds, input_shapes, baseline):
-    ctx.shapes = resolve_shapes(model, feeds, input_shapes)
+def _run_pass(compression_pass, model, ctx, input_shapes, baseline):
+    ctx.shapes = resolve_shapes(model, input_shapes)
     logger.info("running pass %s", compression_pass.name)
     report = compression_pass.run(model, ctx)
     RemoveUnusedNodesPass()(model)
