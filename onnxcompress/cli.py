@@ -209,7 +209,7 @@ def compress(
         kept = f"; wrote {target} anyway (--keep-failed)" if keep_failed else "; nothing written"
         raise _Fail(f"gate missed: {missed}{kept}", EXIT_GATE) from None
     _echo_report(report, as_json)
-    click.echo(f"wrote {target}", err=True)
+    click.echo(f"wrote {target}", err=as_json)
 
 
 def _output_path(model: Path, output: Path | None, in_place: bool) -> Path:
@@ -343,7 +343,7 @@ def batch(
     targets = _targets(models, output_dir)
     results = _run_batch(models, targets, job, jobs)
     rows = [[r["model"], r["status"], r.get("ratio", "-"), r.get("detail", "")] for r in results]
-    click.echo("\n".join(table(["model", "status", "params ratio", "detail"], rows)))
+    click.echo("\n".join(table(["model", "status", "params ratio", "detail"], rows, left=2)))
     write_json(output_dir / "summary.json", {"models": results})
     failed = [r for r in results if r["status"] != "ok"]
     if failed:

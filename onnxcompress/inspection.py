@@ -61,7 +61,7 @@ class Inspection:
         ]
         lines = [f"{self.source or 'model'}: opset {self.opset}, {self.nodes} nodes"]
         lines += [f"  note: {note}" for note in self.notes]
-        lines += table(["layer", "op", "weight shape", "params", "MACs", "passes"], rows)
+        lines += table(["layer", "op", "weight shape", "params", "MACs", "passes"], rows, left=2)
         size = "-" if self.file_bytes is None else f"{self.file_bytes:,}"
         lines.append(
             f"total: {self.params:,} params, {self.weight_bytes:,} weight bytes, "

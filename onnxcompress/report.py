@@ -98,13 +98,13 @@ def _fmt(value: float | int | None, spec: str = ",") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Left-aligned first column, right-aligned numbers, two spaces between columns."""
+def table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """The first ``left`` columns left-aligned (text), the rest right-aligned (numbers)."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(row: list[str]) -> str:
         cells = [
-            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            str(c).ljust(w) if i < left else str(c).rjust(w)
             for i, (c, w) in enumerate(zip(row, widths))
         ]
         return "  ".join(cells).rstrip()
@@ -134,7 +134,7 @@ def _pass_table(report: PassReport) -> list[str]:
         )
     if not rows:
         return [*lines, "  no candidate layers"]
-    return lines + table(["layer", "op", "done", "params", "MACs", "weight err"], rows)
+    return lines + table(["layer", "op", "done", "params", "MACs", "weight err"], rows, left=3)
 
 
 def _totals_table(before: ModelStats, after: ModelStats | None) -> list[str]:
