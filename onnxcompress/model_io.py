@@ -174,7 +174,7 @@ def save(
     data_name = f"{target.name}.data" if external_data else None
     tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxcompress-", dir=target.parent))
     try:
-        with _weights_in_memory_unless(external_data, model):
+        with _weights_in_memory_unless(external_data, model), _no_initializer_value_info(model):
             _write(model, tmp_dir / target.name, data_name)
         written = []
         if data_name:  # data first: the model file appears last, complete
@@ -225,6 +225,23 @@ def _weights_in_memory_unless(external_data: bool, model: ir.Model):
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
+
+
+@contextlib.contextmanager
+def _no_initializer_value_info(model: ir.Model):
+    """Save initializers without a value_info copy of their type and shape.
+
+    onnx_ir writes one for every typed value; for weights it only repeats what the tensor
+    already says, and it grows a file that the user asked to make smaller.
+    """
+    saved = [(v, v.type, v.shape) for v in _initializers(model) if not v.is_graph_input()]
+    for value, _, _ in saved:
+        value.type, value.shape = None, None
+    try:
+        yield
+    finally:
+        for value, type_, shape in saved:
+            value.type, value.shape = type_, shape
 
 
 def files_on_disk(path: str | os.PathLike) -> list[Path]:
