@@ -30,9 +30,10 @@ class ToleranceExceeded(OnnxCompressError):
 
     exit_code = 1
 
-    def __init__(self, message: str, report: object | None = None) -> None:
+    def __init__(self, message: str, report: object = None, model: object = None) -> None:
         super().__init__(message)
         self.report = report
+        self.model = model  # the compressed model that missed, for --keep-failed
 
 
 class PassBrokeGraph(OnnxCompressError):

@@ -115,7 +115,9 @@ def run_recipe(
             input_shapes=input_shapes,
             source=str(loaded.path) if loaded.path else None,
         )
-        ctx = PassContext(calibration=feeds, seed=options.seed, progress=options.progress)
+        ctx = PassContext(
+            calibration=feeds, teacher=reference, seed=options.seed, progress=options.progress
+        )
         for compression_pass in passes:
             report.passes.append(_run_pass(compression_pass, model, ctx, input_shapes, baseline))
         model.metadata_props[RECIPE_METADATA_KEY] = json.dumps(recipe.to_dict())
@@ -126,9 +128,7 @@ def run_recipe(
         if reference is not None:
             reference.close()
     if report.gate_failures:
-        error = ToleranceExceeded("; ".join(report.gate_failures), report)
-        error.model = model
-        raise error
+        raise ToleranceExceeded("; ".join(report.gate_failures), report, model)
     return model, report
 
 

@@ -287,3 +287,30 @@ def test_usage_errors_exit_2(good, tmp_path):
     assert invoke("compress", good, "-o", tmp_path / "o.onnx").exit_code == 2  # no passes
     result = invoke("compress", good, "-o", tmp_path / "o.onnx", "--dim", "N=x", *LOWRANK)
     assert_one_clear_line(result, 2, "bad --dim")
+
+
+def test_a_pass_that_breaks_the_graph_stops_the_run_naming_it(tmp_path, good, monkeypatch):
+    """Exit 3, the pass and the failing node named, nothing written."""
+    import onnx_ir as ir
+
+    from onnxcompress.passes import PASSES
+    from onnxcompress.passes.lowrank import LowRank
+
+    class Broken(LowRank):
+        def run(self, model, ctx):
+            report = super().run(model, ctx)
+            node = next(n for n in model.graph if n.op_type == "MatMul")
+            node.replace_input_with(1, _bad_weight(model))  # 5x5 where 2 rows are needed
+            return report
+
+    def _bad_weight(model):
+        value = ir.Value(name="bad", const_value=ir.tensor(np.ones((5, 5), np.float32)))
+        value.shape, value.dtype = ir.Shape([5, 5]), ir.DataType.FLOAT
+        model.graph.register_initializer(value)
+        return value
+
+    monkeypatch.setitem(PASSES, "lowrank", Broken)
+    out = tmp_path / "o.onnx"
+    result = invoke("compress", good, "-o", out, *LOWRANK)
+    assert_one_clear_line(result, 3, "pass lowrank broke the", "MatMul")
+    assert not out.exists()

@@ -6,12 +6,15 @@ import dataclasses
 import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.graph import Shapes, node_label
+
+if TYPE_CHECKING:
+    from onnxcompress.validate import Runner
 
 
 class Skip(Exception):
@@ -68,7 +71,7 @@ class PassContext:
 
     shapes: Shapes = field(default_factory=dict)
     calibration: list[dict[str, np.ndarray]] | None = None
-    teacher: ir.Model | None = None
+    teacher: Runner | None = None  # an onnxruntime session on the original model
     seed: int = 0
     progress: Callable[[str], None] | None = None
     rng: np.random.Generator = field(init=False)
