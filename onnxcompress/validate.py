@@ -28,36 +28,68 @@ _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 class Runner:
-    """An onnxruntime session for an ir.Model (or a file), built once and reused."""
+    """An onnxruntime session for an ir.Model (or a file), built once and reused.
 
-    def __init__(self, model: ir.Model | str | Path, label: str = "model") -> None:
+    ``extra_outputs`` names intermediate values to expose as well: ``run`` still returns the
+    model's own outputs, ``capture`` returns the extras by name (activation capture for
+    calibration, data-aware passes and shape observation).
+    """
+
+    def __init__(
+        self,
+        model: ir.Model | str | Path,
+        label: str = "model",
+        extra_outputs: Sequence[str] = (),
+    ) -> None:
         self._tmp: Path | None = None
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
-            source = self._source(model, options)
+            source = self._source(model, options, list(dict.fromkeys(extra_outputs)))
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several unrelated types
             self.close()
             raise CannotRun(f"onnxruntime cannot run the {label}: {_first_line(exc)}") from None
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        names = [o.name for o in self.session.get_outputs()]
+        self.extra_outputs = [n for n in extra_outputs if n in names]
+        self.output_names = names[: len(names) - len(self._added)]
 
-    def _source(self, model: ir.Model | str | Path, options: ort.SessionOptions) -> str | bytes:
+    def _source(self, model, options: ort.SessionOptions, extra: list[str]) -> str | bytes:
+        self._added: list[str] = []
         if not isinstance(model, ir.Model):
-            return str(model)
+            if not extra:
+                return str(model)
+            model = ir.load(model)
         folders = _external_folders(model)
         if weight_bytes(model) <= _IN_MEMORY_LIMIT and len(folders) <= 1:
             if folders:  # weights still mapped from the input's data file: point there
                 options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, folders.pop())
-            return ir.to_proto(model).SerializeToString()
+            return self._with_outputs(ir.to_proto(model), extra).SerializeToString()
         self._tmp = Path(tempfile.mkdtemp(prefix="onnxcompress-session-"))
         path = self._tmp / "model.onnx"
         save(model, path, external_data=True)
+        if extra:
+            proto = onnx.load(str(path), load_external_data=False)
+            onnx.save(self._with_outputs(proto, extra), str(path))
         return str(path)
 
+    def _with_outputs(self, proto: onnx.ModelProto, extra: list[str]) -> onnx.ModelProto:
+        present = {o.name for o in proto.graph.output}
+        self._added = [n for n in extra if n not in present]
+        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in self._added)
+        return proto
+
     def run(self, feed: Feed) -> list[np.ndarray]:
+        """The model's own outputs on ``feed``."""
+        return self._run(self.output_names, feed)
+
+    def capture(self, feed: Feed) -> dict[str, np.ndarray]:
+        """The ``extra_outputs`` values on ``feed``, by name."""
+        return dict(zip(self.extra_outputs, self._run(self.extra_outputs, feed)))
+
+    def _run(self, names: list[str], feed: Feed) -> list[np.ndarray]:
         try:
-            return self.session.run(None, feed)
+            return self.session.run(names, feed)
         except Exception as exc:
             raise CannotRun(f"onnxruntime failed to run: {_first_line(exc)}") from None
 
@@ -72,24 +104,15 @@ def observe_shapes(model: ir.Model, feed: Feed, names: Iterable[str]) -> dict[st
 
     The fallback where onnx's shape inference gives up (dynamic Reshape chains in exports).
     """
-    wanted = [n for n in dict.fromkeys(names) if n]
-    proto = ir.to_proto(model)
-    present = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in present)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    folders = _external_folders(model)
-    if len(folders) == 1:
-        options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, folders.pop())
     try:
-        session = ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-        arrays = session.run(wanted, feed)
-    except Exception as exc:  # accounting only: never fatal
+        runner = Runner(model, "model", extra_outputs=[n for n in names if n])
+        try:
+            return {name: tuple(np.shape(a)) for name, a in runner.capture(feed).items()}
+        finally:
+            runner.close()
+    except CannotRun as exc:  # accounting only: never fatal
         logger.debug("observing shapes failed: %s", exc)
         return {}
-    return {name: tuple(np.shape(a)) for name, a in zip(wanted, arrays)}
 
 
 def _external_folders(model: ir.Model) -> set[str]:

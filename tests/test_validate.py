@@ -122,3 +122,19 @@ def test_parse_dims():
     for bad in ("N", "N=0", "N=x", "=3"):
         with pytest.raises(BadData, match="bad --dim"):
             parse_dims([bad])
+
+
+def test_runner_captures_intermediate_activations_without_changing_outputs(tmp_path):
+    from onnxcompress.validate import Runner
+
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    model = load(scale_model(2.0, shift=1.0))
+    runner = Runner(model, extra_outputs=["H", "Y"])
+    (y,) = runner.run({"X": x})
+    captured = runner.capture({"X": x})
+    assert runner.output_names == ["Y"] and sorted(captured) == ["H", "Y"]
+    np.testing.assert_allclose(captured["H"], 2 * x)
+    np.testing.assert_allclose(y, captured["Y"])
+    path = tmp_path / "m.onnx"
+    onnx.save(scale_model(2.0), path)
+    assert sorted(Runner(str(path), extra_outputs=["H"]).capture({"X": x})) == ["H"]
