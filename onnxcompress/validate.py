@@ -28,20 +28,25 @@ _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 class Runner:
-    """An onnxruntime session for an ir.Model (or a file), built once and reused.
+    """An onnxruntime session for a model (ir.Model, serialized bytes or a file), built once.
 
     ``extra_outputs`` names intermediate values to expose as well: ``run`` still returns the
     model's own outputs, ``capture`` returns the extras by name (activation capture for
-    calibration, data-aware passes and shape observation).
+    calibration, data-aware passes and shape observation). ``with_outputs`` opens another
+    session on the same model with other extras, e.g. on the original model after passes
+    have changed the working copy.
     """
 
     def __init__(
         self,
-        model: ir.Model | str | Path,
+        model: ir.Model | bytes | str | Path,
         label: str = "model",
         extra_outputs: Sequence[str] = (),
+        external_folder: str | None = None,
     ) -> None:
         self._tmp: Path | None = None
+        self._folder = external_folder  # where external data lives, for bytes sources
+        self._added: list[str] = []
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
@@ -53,24 +58,32 @@ class Runner:
         names = [o.name for o in self.session.get_outputs()]
         self.extra_outputs = [n for n in extra_outputs if n in names]
         self.output_names = names[: len(names) - len(self._added)]
+        self.label = label
 
     def _source(self, model, options: ort.SessionOptions, extra: list[str]) -> str | bytes:
-        self._added: list[str] = []
-        if not isinstance(model, ir.Model):
-            if not extra:
-                return str(model)
-            model = ir.load(model)
+        if isinstance(model, ir.Model):
+            model = self._materialize(model)
+        self._origin: str | bytes = model if isinstance(model, bytes) else str(model)
+        if isinstance(model, bytes):
+            proto = onnx.load_from_string(model) if extra else None
+        else:
+            self._folder = self._folder or str(Path(model).resolve().parent)
+            proto = onnx.load(str(model), load_external_data=False) if extra else None
+        if self._folder:
+            options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, self._folder)
+        if proto is None:
+            return self._origin
+        return self._with_outputs(proto, extra).SerializeToString()
+
+    def _materialize(self, model: ir.Model) -> bytes | str:
+        """Bytes for a model that fits in memory, else a temporary file with external data."""
         folders = _external_folders(model)
         if weight_bytes(model) <= _IN_MEMORY_LIMIT and len(folders) <= 1:
-            if folders:  # weights still mapped from the input's data file: point there
-                options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, folders.pop())
-            return self._with_outputs(ir.to_proto(model), extra).SerializeToString()
+            self._folder = folders.pop() if folders else None  # weights still in the input's file
+            return ir.to_proto(model).SerializeToString()
         self._tmp = Path(tempfile.mkdtemp(prefix="onnxcompress-session-"))
         path = self._tmp / "model.onnx"
         save(model, path, external_data=True)
-        if extra:
-            proto = onnx.load(str(path), load_external_data=False)
-            onnx.save(self._with_outputs(proto, extra), str(path))
         return str(path)
 
     def _with_outputs(self, proto: onnx.ModelProto, extra: list[str]) -> onnx.ModelProto:
@@ -79,13 +92,19 @@ class Runner:
         proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in self._added)
         return proto
 
+    def with_outputs(self, names: Sequence[str], label: str | None = None) -> Runner:
+        """Another session on this runner's model exposing ``names``; close it after use
+        (before this one, which owns any temporary file)."""
+        return Runner(self._origin, label or self.label, names, self._folder)
+
     def run(self, feed: Feed) -> list[np.ndarray]:
         """The model's own outputs on ``feed``."""
         return self._run(self.output_names, feed)
 
-    def capture(self, feed: Feed) -> dict[str, np.ndarray]:
-        """The ``extra_outputs`` values on ``feed``, by name."""
-        return dict(zip(self.extra_outputs, self._run(self.extra_outputs, feed)))
+    def capture(self, feed: Feed, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The ``extra_outputs`` values (or only ``names`` of them) on ``feed``, by name."""
+        wanted = list(names) if names is not None else self.extra_outputs
+        return dict(zip(wanted, self._run(wanted, feed)))
 
     def _run(self, names: list[str], feed: Feed) -> list[np.ndarray]:
         try:

@@ -138,3 +138,24 @@ def test_runner_captures_intermediate_activations_without_changing_outputs(tmp_p
     path = tmp_path / "m.onnx"
     onnx.save(scale_model(2.0), path)
     assert sorted(Runner(str(path), extra_outputs=["H"]).capture({"X": x})) == ["H"]
+
+
+def test_with_outputs_opens_the_same_model_with_other_extras(tmp_path):
+    from onnxcompress.validate import Runner
+
+    x = np.ones((2, 4), np.float32)
+    model = load(scale_model(3.0))
+    runner = Runner(model)
+    import onnx_ir as ir
+
+    # passes change the working copy; the runner (the teacher) keeps the original
+    model.graph.initializers["s"].const_value = ir.tensor(np.array(5.0, np.float32))
+    teacher = runner.with_outputs(["H"])
+    np.testing.assert_allclose(teacher.capture({"X": x})["H"], 3 * x)
+    np.testing.assert_allclose(teacher.run({"X": x})[0], runner.run({"X": x})[0])
+    path = tmp_path / "ext.onnx"
+    onnx.save(
+        scale_model(3.0), path, save_as_external_data=True, size_threshold=0, location="ext.data"
+    )
+    from_file = Runner(str(path)).with_outputs(["H"])
+    np.testing.assert_allclose(from_file.capture({"X": x})["H"], 3 * x)

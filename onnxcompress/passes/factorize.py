@@ -1,0 +1,185 @@
+"""The numerics of lowrank, free of graphs: truncated SVD, Tucker-2, depthwise-separable fits,
+and the data-aware pieces (running input/output statistics, whitening, least-squares refits).
+
+A layer is seen as ``y = M·x + b`` with ``M`` [O, D]: for a Conv, ``x`` is a patch (im2col row,
+D = C·prod(kernel)); for Gemm/MatMul it is a row of the left operand. Every scheme produces a
+first stage ``F`` [r, D] (one or two ops before the last) and a last factor ``A`` [O, r].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Relative damping added to covariance diagonals: dead (always-zero) inputs are common after
+#: ReLU and would make them singular.
+DAMPING = 1e-6
+
+
+def svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
+
+
+def rank_for_energy(singular_values: np.ndarray, share: float) -> int:
+    """Smallest rank whose singular values hold ``share`` of sum(s^2)."""
+    energy = np.cumsum(np.square(singular_values))
+    total = energy[-1] if len(energy) and energy[-1] > 0 else 1.0
+    return int(np.searchsorted(energy / total, share - 1e-12)) + 1
+
+
+def tail_error(singular_values: np.ndarray, rank: int) -> float:
+    """Relative Frobenius error of the best rank-``rank`` approximation."""
+    energy = np.square(singular_values)
+    total = float(energy.sum())
+    return math.sqrt(float(energy[rank:].sum()) / total) if total > 0 else 0.0
+
+
+def split_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(F [r, D], A [O, r]) with A·F the best rank-r approximation of ``matrix`` [O, D]."""
+    u, s, vt = svd(matrix)
+    root = np.sqrt(s[:rank])
+    return root[:, None] * vt[:rank], u[:, :rank] * root
+
+
+def unfold_bases(weight: np.ndarray) -> tuple[tuple, tuple]:
+    """SVDs (u, s) of the output-channel and input-channel unfoldings of a conv weight."""
+    out_u, out_s, _ = svd(weight.reshape(weight.shape[0], -1))
+    in_unfold = np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1)
+    in_u, in_s, _ = svd(in_unfold)
+    return (out_u, out_s), (in_u, in_s)
+
+
+def tucker2(weight: np.ndarray, rank_in: int, rank_out: int):
+    """Tucker-2 of a conv weight [O, C, *k]: (u_in [C, r1], core [r2, r1, *k], u_out [O, r2]),
+    with weight ≈ core ×0 u_out ×1 u_in (HOSVD: leading singular vectors of each unfolding)."""
+    (out_u, _), (in_u, _) = unfold_bases(weight)
+    u_out, u_in = out_u[:, :rank_out], in_u[:, :rank_in]
+    core = np.einsum("oc...,or,cs->rs...", weight.astype(np.float64), u_out, u_in)
+    return u_in, core, u_out
+
+
+def tucker2_first_stage(u_in: np.ndarray, core: np.ndarray) -> np.ndarray:
+    """The [r2, C·k] map from a patch to the last 1×1 conv's input: core ∘ (1×1 conv u_inᵀ)."""
+    kernel = core.shape[2:]
+    composite = np.einsum("rs...,cs->rc...", core, u_in)  # [r2, C, *k]
+    return composite.reshape(core.shape[0], u_in.shape[0] * math.prod(kernel))
+
+
+def separable(weight: np.ndarray, multiplier: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Depthwise [C·m, 1, *k] and pointwise [O, C·m] fitted per input channel by a rank-m SVD of
+    weight[:, c] as an O × prod(k) matrix; exact when m = min(O, prod(k)). Also the relative
+    Frobenius error."""
+    out_channels, in_channels, *kernel = weight.shape
+    taps = math.prod(kernel)
+    depthwise = np.zeros((in_channels * multiplier, taps))
+    pointwise = np.zeros((out_channels, in_channels * multiplier))
+    dropped = 0.0
+    for c in range(in_channels):
+        u, s, vt = svd(weight[:, c].reshape(out_channels, taps))
+        m = min(multiplier, len(s))
+        root = np.sqrt(s[:m])
+        rows = slice(c * multiplier, c * multiplier + m)
+        depthwise[rows] = root[:, None] * vt[:m]
+        pointwise[:, rows] = u[:, :m] * root
+        dropped += float(np.square(s[m:]).sum())
+    total = float(np.square(weight.astype(np.float64)).sum())
+    error = math.sqrt(dropped / total) if total > 0 else 0.0
+    return depthwise.reshape(in_channels * multiplier, 1, *kernel), pointwise, error
+
+
+def separable_multiplier_for_energy(weight: np.ndarray, share: float) -> int:
+    """Smallest depth multiplier keeping ``share`` of the weight's energy over all channels."""
+    out_channels, in_channels = weight.shape[:2]
+    kept = sum(
+        np.cumsum(np.square(svd(weight[:, c].reshape(out_channels, -1))[1]))
+        for c in range(in_channels)
+    )
+    total = kept[-1] if kept[-1] > 0 else 1.0
+    return int(np.searchsorted(kept / total, share - 1e-12)) + 1
+
+
+def separable_first_stage(depthwise: np.ndarray, multiplier: int) -> np.ndarray:
+    """The [C·m, C·k] map from a patch to the pointwise conv's input: row c·m + j applies
+    depthwise filter j of channel c to that channel's k taps (block diagonal)."""
+    channels_m, _, *kernel = depthwise.shape
+    taps = math.prod(kernel)
+    filters = depthwise.reshape(channels_m, taps)
+    first = np.zeros((channels_m, channels_m // multiplier * taps))
+    for row in range(channels_m):
+        channel = row // multiplier
+        first[row, channel * taps : (channel + 1) * taps] = filters[row]
+    return first
+
+
+@dataclass
+class LayerStats:
+    """Running sums over calibration rows of the student's layer input x (augmented with 1)
+    and the teacher's layer output y. Bounded memory: (D+1)² + O·(D+1) numbers."""
+
+    xx: np.ndarray  # sum x̃ x̃ᵀ, [D+1, D+1]
+    yx: np.ndarray  # sum y x̃ᵀ, [O, D+1]
+    yy: float = 0.0  # sum |y|^2
+    count: int = 0
+
+    @classmethod
+    def empty(cls, inputs: int, outputs: int) -> LayerStats:
+        return cls(np.zeros((inputs + 1, inputs + 1)), np.zeros((outputs, inputs + 1)))
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x1 = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
+        y = y.astype(np.float64)
+        self.xx += x1.T @ x1
+        self.yx += y.T @ x1
+        self.yy += float(np.square(y).sum())
+        self.count += len(x)
+
+    def error(self, matrix: np.ndarray, bias: np.ndarray | None) -> float:
+        """Relative output error |y - (M x + b)| / |y| over the calibration rows."""
+        affine = np.concatenate([matrix, _column(bias, matrix.shape[0])], axis=1)
+        residual = self.yy - 2 * np.sum(affine * self.yx) + np.sum((affine @ self.xx) * affine)
+        return math.sqrt(max(residual, 0.0) / self.yy) if self.yy > 0 else 0.0
+
+    def refit(self, first: np.ndarray, with_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Least-squares last factor A [O, r] (and bias) given the first stage F [r, D]:
+        minimizes |y - (A F x + b)| on the calibration rows."""
+        rank, inputs = first.shape
+        lift = np.zeros((rank + 1, inputs + 1))
+        lift[:rank, :inputs] = first
+        lift[rank, inputs] = 1.0
+        if not with_bias:
+            lift = lift[:rank]
+        zz = lift @ self.xx @ lift.T
+        yz = self.yx @ lift.T
+        solution = _solve_damped(zz, yz)
+        return (solution[:, :rank], solution[:, rank]) if with_bias else (solution, None)
+
+    def whitened_svd(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(s, vt_white, inverse factor) of the SVD of M·L where L Lᵀ is the centred input
+        covariance: truncating it minimizes the output error, not the weight error."""
+        inputs = matrix.shape[1]
+        mean = self.xx[:inputs, inputs] / max(self.count, 1)
+        covariance = self.xx[:inputs, :inputs] / max(self.count, 1) - np.outer(mean, mean)
+        lower = np.linalg.cholesky(_damped(covariance))
+        u, s, vt = np.linalg.svd(matrix @ lower, full_matrices=False)
+        return u * s, vt, lower
+
+
+def whitened_first_stage(vt: np.ndarray, lower: np.ndarray, rank: int) -> np.ndarray:
+    """F = V_rᵀ L⁻¹: the first stage of the whitened truncation."""
+    return np.linalg.solve(lower.T, vt[:rank].T).T
+
+
+def _damped(matrix: np.ndarray) -> np.ndarray:
+    scale = float(np.trace(matrix)) / max(len(matrix), 1)
+    return matrix + np.eye(len(matrix)) * max(scale, 1e-12) * DAMPING
+
+
+def _solve_damped(zz: np.ndarray, yz: np.ndarray) -> np.ndarray:
+    """Solve X·zz = yz for X (zz symmetric positive semi-definite)."""
+    return np.linalg.solve(_damped(zz), yz.T).T
+
+
+def _column(bias: np.ndarray | None, rows: int) -> np.ndarray:
+    return (np.zeros(rows) if bias is None else bias.astype(np.float64)).reshape(rows, 1)
