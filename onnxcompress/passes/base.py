@@ -37,6 +37,7 @@ class LayerReport:
     macs_before: int | None = None
     macs_after: int | None = None
     weight_error: float | None = None  # relative Frobenius error ||W - W'|| / ||W||
+    output_error: float | None = None  # relative error of the layer output on calibration data
 
     @classmethod
     def skipped(cls, node: ir.Node, reason: str) -> LayerReport:
@@ -71,6 +72,7 @@ class PassContext:
 
     shapes: Shapes = field(default_factory=dict)
     calibration: list[dict[str, np.ndarray]] | None = None
+    synthetic_calibration: bool = False  # feeds are seeded noise, not the user's data
     teacher: Runner | None = None  # an onnxruntime session on the original model
     seed: int = 0
     progress: Callable[[str], None] | None = None

@@ -156,14 +156,14 @@ class LayerStats:
         return (solution[:, :rank], solution[:, rank]) if with_bias else (solution, None)
 
     def whitened_svd(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(s, vt_white, inverse factor) of the SVD of M·L where L Lᵀ is the centred input
+        """(s, vt, L) of the SVD of M·L where L Lᵀ is the centred input
         covariance: truncating it minimizes the output error, not the weight error."""
         inputs = matrix.shape[1]
         mean = self.xx[:inputs, inputs] / max(self.count, 1)
         covariance = self.xx[:inputs, :inputs] / max(self.count, 1) - np.outer(mean, mean)
         lower = np.linalg.cholesky(_damped(covariance))
-        u, s, vt = np.linalg.svd(matrix @ lower, full_matrices=False)
-        return u * s, vt, lower
+        _, s, vt = np.linalg.svd(matrix @ lower, full_matrices=False)
+        return s, vt, lower
 
 
 def whitened_first_stage(vt: np.ndarray, lower: np.ndarray, rank: int) -> np.ndarray:

@@ -1,0 +1,208 @@
+"""lowrank on convolutions: every scheme exact at full rank over strides, pads, dilations, 1-D
+and bias/no bias; structure; the data-aware fit; max_error; skips; real models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fixtures.mnist import mnist_split
+from onnxcompress import compress, load
+from onnxcompress.conv import ConvGeometry, im2col
+from onnxcompress.pipeline import Options
+from tests.conftest import FIXTURES, run
+
+NO_VALIDATE = Options(validate=False)
+FULL = "ratio=1,min_saving=-100"  # full rank, growth allowed: every scheme must be exact
+
+
+def conv_model(out=6, channels=4, kernel=(3, 3), spatial=(9, 11), bias=True, group=1, **attrs):
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((out, channels // group, *kernel)).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "W")]
+    inputs = ["X", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(out).astype(np.float32), "B"))
+        inputs.append("B")
+    node = helper.make_node("Conv", inputs, ["Y"], name="/conv/Conv", group=group, **attrs)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, channels, *spatial])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _feed(proto: onnx.ModelProto, seed: int = 5) -> dict[str, np.ndarray]:
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    return {"X": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+GEOMETRIES = {
+    "plain": dict(),
+    "stride2-pads": dict(strides=[2, 2], pads=[1, 2, 0, 1]),
+    "dilation": dict(dilations=[2, 1], pads=[2, 1, 2, 1]),
+    "same-upper": dict(auto_pad="SAME_UPPER", strides=[2, 1]),
+    "no-bias": dict(bias=False, pads=[1, 1, 1, 1]),
+    "1d": dict(kernel=(5,), spatial=(17,), strides=[3], pads=[2, 2], dilations=[2]),
+    "1x1": dict(kernel=(1, 1), out=8, channels=12),
+}
+
+
+@pytest.mark.parametrize("scheme", ["svd", "tucker2", "separable"])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_every_scheme_at_full_rank_reproduces_the_conv(scheme, geometry):
+    proto = conv_model(**GEOMETRIES[geometry])
+    result, report = compress(proto, [f"lowrank:scheme={scheme},{FULL}"], options=NO_VALIDATE)
+    assert report.passes[0].rewritten, report.passes[0].layers[0].reason
+    feed = _feed(proto)
+    np.testing.assert_allclose(run(result, feed)[0], run(proto, feed)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("setting", "ops", "detail"),
+    [
+        ("scheme=svd,rank=3", ["Conv", "Conv"], {"rank": 3, "full_rank": 6}),
+        ("scheme=tucker2,ratio=0.5", ["Conv", "Conv", "Conv"], {"ranks": [2, 3]}),
+        ("scheme=separable,rank=2", ["Conv", "Conv"], {"multiplier": 2}),
+    ],
+)
+def test_structure_of_each_scheme(setting, ops, detail):
+    proto = conv_model(out=6, channels=4, strides=[2, 2], pads=[1, 1, 1, 1])
+    result, report = compress(proto, [f"lowrank:{setting},min_saving=-10"], options=NO_VALIDATE)
+    model = ir.from_proto(result)
+    nodes = list(model.graph)
+    assert [n.op_type for n in nodes] == ops
+    layer = report.passes[0].layers[0]
+    assert {k: layer.detail[k] for k in detail} == detail
+    spatial = nodes[1] if "tucker2" in setting else nodes[0]  # the k×k conv keeps the geometry
+    assert list(spatial.attributes.get_ints("strides")) == [2, 2]
+    assert list(spatial.attributes.get_ints("pads")) == [1, 1, 1, 1]
+    if "separable" in setting:
+        assert spatial.attributes.get_int("group") == 4
+        assert list(spatial.inputs[1].shape) == [8, 1, 3, 3]
+    assert nodes[-1].inputs[2].name == "B"  # bias stays on the last conv
+    assert all(n.name.startswith("/conv/Conv.lowrank.") for n in nodes)
+    assert model.graph.outputs[0].name == "Y"
+
+
+def test_params_and_macs_of_a_channel_split():
+    proto = conv_model(out=32, channels=16, spatial=(8, 8), pads=[1, 1, 1, 1])
+    _, report = compress(proto, ["lowrank:rank=4"], options=NO_VALIDATE)
+    layer = report.passes[0].layers[0]
+    assert layer.params_before == 32 * 16 * 9 and layer.params_after == 4 * (16 * 9 + 32)
+    assert layer.macs_before == 2 * 64 * 32 * 16 * 9
+    assert layer.macs_after == 2 * 64 * 4 * (16 * 9 + 32)
+
+
+@pytest.mark.parametrize(
+    ("proto", "reason"),
+    [
+        (conv_model(channels=4, group=2), "grouped or depthwise conv"),
+        (conv_model(channels=4, out=4, group=4), "grouped or depthwise conv"),
+    ],
+)
+def test_grouped_convs_are_skipped_with_reason(proto, reason):
+    _, report = compress(proto, ["lowrank:rank=1"], options=NO_VALIDATE)
+    assert reason in report.passes[0].layers[0].reason
+
+
+def test_conv_transpose_and_dynamic_weights_are_skipped_with_reason():
+    w = numpy_helper.from_array(np.ones((4, 6, 3, 3), np.float32), "Wt")
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConvTranspose", ["X", "Wt"], ["H"], name="up"),
+            helper.make_node("Conv", ["H", "Wd"], ["Y"], name="dyn"),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4, 5, 5]),
+            helper.make_tensor_value_info("Wd", TensorProto.FLOAT, [6, 6, 3, 3]),
+        ],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [w],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, report = compress(proto, ["lowrank:rank=1"], options=NO_VALIDATE)
+    reasons = {layer.node: layer.reason for layer in report.passes[0].layers}
+    assert reasons == {
+        "up": "ConvTranspose is not factorized yet",
+        "dyn": "weight is a graph input (not a constant)",
+    }
+
+
+def test_im2col_matches_onnxruntime_conv():
+    proto = conv_model(strides=[2, 1], pads=[1, 0, 2, 1], dilations=[1, 2], bias=False)
+    feed = _feed(proto)
+    weight = numpy_helper.to_array(proto.graph.initializer[0])
+    node = next(iter(load(proto).graph))
+    patches = im2col(feed["X"], ConvGeometry.of(node, weight.shape[2:]))
+    expected = np.moveaxis(run(proto, feed)[0], 1, -1).reshape(-1, weight.shape[0])
+    np.testing.assert_allclose(patches @ weight.reshape(len(weight), -1).T, expected, atol=1e-5)
+
+
+def _cnn_feeds(count: int = 4, batch: int = 50):
+    (x_train, _), _ = mnist_split()
+    return [{"input": x_train[i * batch : (i + 1) * batch]} for i in range(count)]
+
+
+def test_data_aware_fit_beats_plain_svd_at_equal_rank_on_the_trained_cnn():
+    source = str(FIXTURES / "mnist_cnn.onnx")
+    setting = "lowrank:rank=4,ops=Conv,min_saving=0"
+    feeds = _cnn_feeds(2)
+    errors = {}
+    for aware in ("false", "true"):
+        _, report = compress(
+            source, [f"{setting},data_aware={aware}"], calibration=feeds, options=NO_VALIDATE
+        )
+        errors[aware] = {layer.node: layer.output_error for layer in report.passes[0].rewritten}
+    assert errors["true"].keys() == errors["false"].keys() and len(errors["true"]) >= 2
+    for name, plain in errors["false"].items():
+        assert errors["true"][name] < plain, name
+
+
+def test_data_aware_at_full_rank_is_still_exact():
+    proto = conv_model(strides=[2, 2], pads=[1, 1, 1, 1])
+    feeds = [_feed(proto, seed) for seed in range(3)]
+    result, report = compress(
+        proto, [f"lowrank:{FULL},data_aware=true"], calibration=feeds, options=NO_VALIDATE
+    )
+    assert report.passes[0].layers[0].output_error < 1e-4
+    feed = _feed(proto, 9)
+    np.testing.assert_allclose(run(result, feed)[0], run(proto, feed)[0], atol=1e-3, rtol=1e-3)
+
+
+def test_max_error_picks_the_smallest_rank_within_bound():
+    source = str(FIXTURES / "mnist_cnn.onnx")
+    feeds = _cnn_feeds(2)
+    _, report = compress(
+        source,
+        ["lowrank:max_error=0.05,ops=Conv,min_saving=-10,data_aware=false"],
+        calibration=feeds,
+        options=NO_VALIDATE,
+    )
+    layers = report.passes[0].rewritten
+    assert layers and all(layer.output_error <= 0.05 for layer in layers)
+    assert any(layer.detail["rank"] < layer.detail["full_rank"] for layer in layers)
+
+
+def test_max_error_without_data_is_skipped_with_reason():
+    _, report = compress(conv_model(), ["lowrank:max_error=0.1"], options=NO_VALIDATE)
+    assert report.passes[0].layers[0].reason == "max_error needs calibration data"
+
+
+def test_separable_runs_on_every_eligible_conv_of_ultraface(real):
+    _, report = compress(
+        str(real / "ultraface_rfb320.onnx"),
+        ["lowrank:scheme=separable,ratio=1,min_saving=-100,ops=Conv"],
+        options=Options(samples=1),
+    )
+    layers = report.passes[0].layers
+    eligible = [layer for layer in layers if "group > 1" not in (layer.reason or "")]
+    assert eligible and all(layer.action == "rewritten" for layer in eligible)
+    assert report.validation.outputs[0].rel_l2 < 1e-4  # full multiplier: exact
