@@ -166,6 +166,43 @@ class LayerStats:
         return s, vt, lower
 
 
+def refine_separable(
+    stats: LayerStats, depthwise: np.ndarray, multiplier: int, iterations: int = 3
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Alternating least squares on calibration data for a depthwise-separable pair: with the
+    pointwise conv fixed the depthwise filters are linear in the output, and the other way
+    round, so each half-step is an exact least-squares solve. Returns (depthwise [C·m, 1, *k],
+    pointwise [O, C·m], bias [O])."""
+    kernel = depthwise.shape[2:]
+    first = separable_first_stage(depthwise, multiplier)
+    pointwise, bias = stats.refit(first, with_bias=True)
+    for _ in range(iterations):
+        depthwise = _depthwise_step(stats, pointwise, bias, multiplier).reshape(-1, 1, *kernel)
+        first = separable_first_stage(depthwise, multiplier)
+        pointwise, bias = stats.refit(first, with_bias=True)
+    return depthwise, pointwise, bias
+
+
+def _depthwise_step(
+    stats: LayerStats, pointwise: np.ndarray, bias: np.ndarray, multiplier: int
+) -> np.ndarray:
+    """Depthwise filters [C·m, k] minimizing |y - b - P·D(x)| with P and b fixed."""
+    inputs = stats.xx.shape[0] - 1
+    channels = pointwise.shape[1] // multiplier
+    taps = inputs // channels
+    xx = stats.xx[:inputs, :inputs].reshape(channels, taps, channels, taps)
+    gram = (pointwise.T @ pointwise).reshape(channels, multiplier, channels, multiplier)
+    lhs = np.einsum("ajbk,atbs->ajtbks", gram, xx).reshape(channels * multiplier * taps, -1)
+    target = stats.yx[:, :inputs] - np.outer(bias, stats.xx[:inputs, inputs])  # sum (y-b) xᵀ
+    rhs = np.einsum(
+        "oaj,oat->ajt",
+        pointwise.reshape(-1, channels, multiplier),
+        target.reshape(-1, channels, taps),
+    )
+    solution = np.linalg.solve(_damped(lhs), rhs.reshape(-1))
+    return solution.reshape(channels * multiplier, taps)
+
+
 def whitened_first_stage(vt: np.ndarray, lower: np.ndarray, rank: int) -> np.ndarray:
     """F = V_rᵀ L⁻¹: the first stage of the whitened truncation."""
     return np.linalg.solve(lower.T, vt[:rank].T).T

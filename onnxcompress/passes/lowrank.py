@@ -222,9 +222,14 @@ class LowRank(CompressionPass):
 
         def make(multiplier: int) -> Plan:
             depthwise, pointwise, _ = factorize.separable(weight, multiplier)
+            bias = None
+            if fit.refit:  # both halves refitted to the data, not only the pointwise conv
+                depthwise, pointwise, bias = factorize.refine_separable(
+                    fit.stats, depthwise, multiplier
+                )
             first = factorize.separable_first_stage(depthwise, multiplier)
-            plan = Plan("separable", {"multiplier": multiplier}, [depthwise], first, pointwise)
-            return fit.apply(plan, layer)
+            ranks = {"multiplier": multiplier}
+            return Plan("separable", ranks, [depthwise], first, pointwise, bias=bias)
 
         if self.config.max_error is not None:
             return self._search(make, full, fit, layer)
