@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress import Recipe, RecipeError, compress
 from onnxcompress.graph import PASS_TAG
 from onnxcompress.pipeline import Options
-from tests.conftest import parse, run
+from tests.conftest import FIXTURES, parse, run
 
 FULL = ["lowrank:ratio=1,min_saving=-1"]  # full rank, allowed to grow: must be exact
 NO_VALIDATE = Options(validate=False)
@@ -232,3 +232,29 @@ def test_old_opset_gemm_is_upgraded_and_exact():
 def test_bad_options_are_rejected_naming_the_key(option, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Recipe.from_options([option]).build()
+
+
+def test_data_aware_fit_lowers_output_error_on_the_trained_mlp():
+    from fixtures.mnist import mnist_split
+
+    (x_train, _), _ = mnist_split()
+    feeds = [{"input": x_train[i : i + 200].reshape(200, -1)} for i in range(0, 800, 200)]
+    errors = {}
+    for aware in ("false", "true"):
+        _, report = compress(
+            str(FIXTURES / "mnist_mlp.onnx"),
+            [f"lowrank:rank=16,data_aware={aware}"],
+            calibration=feeds,
+            options=NO_VALIDATE,
+        )
+        errors[aware] = {layer.node: layer.output_error for layer in report.passes[0].rewritten}
+    assert set(errors["true"]) == {"/fc1/Gemm", "/fc2/MatMul"}
+    for node, plain in errors["false"].items():
+        assert errors["true"][node] < 0.8 * plain, (node, plain, errors["true"][node])
+
+
+def test_calibration_fit_needs_a_per_output_gemm_bias():
+    proto = gemm_model(k=64, n=64, m=4, bias=(4, 64))
+    feeds = [{"A": np.ones((4, 64), np.float32)}]
+    _, report = compress(proto, ["lowrank:rank=2"], calibration=feeds, options=NO_VALIDATE)
+    assert "per-output bias" in report.passes[0].layers[0].reason
