@@ -113,7 +113,11 @@ def table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
 
 
 def _pass_table(report: PassReport) -> list[str]:
-    options = ", ".join(f"{k}={v}" for k, v in report.config.items() if v not in (None, ()))
+    options = ", ".join(
+        f"{k}={','.join(v) if isinstance(v, (tuple, list)) else v}"
+        for k, v in report.config.items()
+        if v not in (None, ())
+    )
     lines = ["", f"pass {report.name} ({options})"]
     lines += [f"  note: {note}" for note in report.notes]
     rows = []

@@ -75,7 +75,7 @@ class LowRank(CompressionPass):
         data_aware: bool | None = None  # fit to calibration data (default: when it is given)
         min_saving: float = 0.1  # skip unless params and MACs drop by this share
         round_to: int = 1  # round ranks up to a multiple of this (kernel-friendly)
-        ops: tuple[str, ...] = _OPS  # op types to consider
+        ops: tuple[str, ...] | None = None  # op types (default: all; Conv for conv schemes)
         exclude: tuple[str, ...] = ()  # node-name glob patterns to leave alone
         max_rows: int = 4096  # calibration rows sampled per batch and layer
 
@@ -94,14 +94,22 @@ class LowRank(CompressionPass):
                     "max_error": (lambda v: v > 0, "above 0"),
                     "min_saving": (lambda v: v < 1, "below 1 (negative allows growth)"),
                     "round_to": (lambda v: v >= 1, "an integer >= 1"),
-                    "ops": (lambda v: set(v) <= set(_OPS), f"among {', '.join(_OPS)}"),
+                    "ops": (lambda v: v and set(v) <= set(_OPS), f"among {', '.join(_OPS)}"),
                     "max_rows": (lambda v: v >= 16, "an integer >= 16"),
                 },
             )
 
+        @property
+        def op_types(self) -> tuple[str, ...]:
+            """Tucker-2 and separable are conv rewrites: their ranks mean nothing for Gemm."""
+            if self.ops is not None:
+                return self.ops
+            return _OPS if self.scheme == "svd" else ("Conv",)
+
     def required_opset(self, model: ir.Model) -> int | None:
         opset = default_opset(model) or GEMM_OPTIONAL_C_OPSET
-        has_gemm = "Gemm" in self.config.ops and any(n.op_type == "Gemm" for n in model.graph)
+        ops = self.config.op_types
+        has_gemm = "Gemm" in ops and any(n.op_type == "Gemm" for n in model.graph)
         return GEMM_OPTIONAL_C_OPSET if has_gemm and opset < GEMM_OPTIONAL_C_OPSET else None
 
     @classmethod
@@ -114,7 +122,8 @@ class LowRank(CompressionPass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassReport:
         report = PassReport(self.name, self.config_dict())
-        ops = set(self.config.ops) | ({"ConvTranspose"} if "Conv" in self.config.ops else set())
+        ops = set(self.config.op_types)
+        ops |= {"ConvTranspose"} if "Conv" in ops else set()  # to say why it is left alone
         candidates = [n for n in model.graph if n.op_type in ops and _standard(n)]
         stats = self._stats_collector(model, candidates, ctx, report)
         namer = Namer(model)

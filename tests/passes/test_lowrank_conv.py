@@ -206,3 +206,13 @@ def test_separable_runs_on_every_eligible_conv_of_ultraface(real):
     eligible = [layer for layer in layers if "group > 1" not in (layer.reason or "")]
     assert eligible and all(layer.action == "rewritten" for layer in eligible)
     assert report.validation.outputs[0].rel_l2 < 1e-4  # full multiplier: exact
+
+
+def test_conv_schemes_leave_gemm_alone_unless_asked():
+    source = str(FIXTURES / "mnist_cnn.onnx")
+    _, report = compress(source, ["lowrank:scheme=separable,rank=1"], options=NO_VALIDATE)
+    assert {layer.op_type for layer in report.passes[0].layers} == {"Conv"}
+    _, report = compress(
+        source, ["lowrank:scheme=separable,rank=1,ops=Conv,Gemm"], options=NO_VALIDATE
+    )
+    assert "Gemm" in {layer.op_type for layer in report.passes[0].layers}
