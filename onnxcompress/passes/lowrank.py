@@ -55,7 +55,12 @@ class Layer:
 
     @property
     def is_conv(self) -> bool:
-        return self.geometry is not None
+        return self.kind in ("Conv", "ConvTranspose")
+
+    def macs(self, positions: int, in_positions: int | None) -> int:
+        """MACs at these output rows (a ConvTranspose works per input position)."""
+        rows = in_positions if self.kind == "ConvTranspose" else positions
+        return self.matrix.size * (rows or positions)
 
 
 class LowRank(CompressionPass):
@@ -123,7 +128,7 @@ class LowRank(CompressionPass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassReport:
         report = PassReport(self.name, self.config_dict())
         ops = set(self.config.op_types)
-        ops |= {"ConvTranspose"} if "Conv" in ops else set()  # to say why it is left alone
+        ops |= {"ConvTranspose"} if "Conv" in ops else set()
         candidates = [n for n in model.graph if n.op_type in ops and _standard(n)]
         stats = self._stats_collector(model, candidates, ctx, report)
         namer = Namer(model)
@@ -163,15 +168,24 @@ class LowRank(CompressionPass):
             raise Skip("max_error needs calibration data")
         if layer.bias is None and collector is not None:
             raise Skip("a calibration fit needs a per-output bias (Gemm C is [M, N])")
-        fit = Fit(collector.collect(layer), collector.fit) if collector else Fit(None, False)
+        fit = self._fit(layer, collector)
         positions = _positions(node, ctx, layer), _positions(node, ctx, layer, inputs=True)
         plan = self._plan(layer, fit)
         self._guard(layer, plan, *positions)
         rewrite(model.graph, layer, plan, namer, self.name)
         return _layer_report(layer, plan, *positions)
 
+    def _fit(self, layer: Layer, collector: StatsCollector | None) -> Fit:
+        if collector is None:
+            return Fit(None, False)
+        if layer.kind == "ConvTranspose":  # no im2col for it yet: factors fit the weights
+            if self.config.max_error is not None:
+                raise Skip("max_error is not supported for ConvTranspose")
+            return Fit(None, False)
+        return Fit(collector.collect(layer), collector.fit)
+
     def _plan(self, layer: Layer, fit: Fit) -> Plan:
-        scheme = self.config.scheme if layer.is_conv else "svd"
+        scheme = self.config.scheme if layer.kind == "Conv" else "svd"
         if scheme == "svd":
             plan = self._plan_svd(layer, fit)
         elif scheme == "tucker2":
@@ -282,11 +296,11 @@ class LowRank(CompressionPass):
 
     def _guard(self, layer: Layer, plan: Plan, positions: int | None, in_positions) -> None:
         """Skip a layer whose params or MACs would not drop by ``min_saving``."""
-        before = layer.matrix.size
-        saving = 1 - plan.params(layer) / before
+        saving = 1 - plan.params(layer) / layer.matrix.size
         macs_saving = saving
         if positions is not None:
-            macs_saving = 1 - plan.macs(layer, positions, in_positions) / (before * positions)
+            before = layer.macs(positions, in_positions)
+            macs_saving = 1 - plan.macs(layer, positions, in_positions) / before
         floor = self.config.min_saving
         worst = min(saving, macs_saving)
         if worst < floor or (worst <= 0 and floor >= 0):
@@ -300,8 +314,6 @@ def _standard(node: ir.Node) -> bool:
 
 def view(node: ir.Node) -> Layer:
     """The layer behind a Gemm/MatMul/Conv node, or Skip with the reason it is not one."""
-    if node.op_type == "ConvTranspose":
-        raise Skip("ConvTranspose is not factorized yet")
     weight_value = node.inputs[1] if len(node.inputs) > 1 else None
     problem = weight_problem(weight_value)
     if problem:
@@ -310,7 +322,7 @@ def view(node: ir.Node) -> Layer:
         raise Skip(f"weight dtype {weight_value.const_value.dtype.name} is not float")
     if node.inputs[0] is not None and node.inputs[0].const_value is not None:
         raise Skip("left operand is constant too")
-    if node.op_type == "Conv":
+    if node.op_type in ("Conv", "ConvTranspose"):
         return _conv_view(node, weight_array(weight_value))
     if len(weight_value.const_value.shape) != 2:
         raise Skip(f"weight is {len(weight_value.const_value.shape)}-D; only 2-D is factorized")
@@ -328,13 +340,17 @@ def _conv_view(node: ir.Node, weight: np.ndarray) -> Layer:
     bias_value = node.inputs[2] if len(node.inputs) > 2 else None
     if bias_value is not None and bias_value.const_value is None:
         raise Skip("conv bias is not a constant")
+    if node.op_type == "ConvTranspose":  # weight [C, O, *k]: output channels second
+        matrix = np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1).astype(np.float64)
+        geometry = None
+    else:
+        matrix = weight.reshape(weight.shape[0], -1).astype(np.float64)
+        geometry = ConvGeometry.of(node, tuple(weight.shape[2:]))
     bias = (
         weight_array(bias_value).astype(np.float64)
         if bias_value is not None
-        else np.zeros(weight.shape[0])
+        else np.zeros(matrix.shape[0])
     )
-    geometry = ConvGeometry.of(node, tuple(weight.shape[2:]))
-    matrix = weight.reshape(weight.shape[0], -1).astype(np.float64)
     return Layer(node, weight, matrix, bias, geometry)
 
 
@@ -405,7 +421,7 @@ def _layer_report(layer: Layer, plan: Plan, positions, in_positions) -> LayerRep
         params_after=after,
         bytes_before=layer.weight.nbytes,
         bytes_after=after * itemsize,
-        macs_before=before * positions if positions else None,
+        macs_before=layer.macs(positions, in_positions) if positions else None,
         macs_after=plan.macs(layer, positions, in_positions) if positions else None,
         weight_error=plan.weight_error,
         output_error=plan.output_error,

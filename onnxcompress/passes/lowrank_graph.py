@@ -53,13 +53,19 @@ class Plan:
         return width * taps + out_channels * width
 
     def macs(self, layer: Layer, positions: int, in_positions: int | None = None) -> int:
-        """MACs at ``positions`` output rows; Tucker-2's first 1×1 conv runs at the input's."""
+        """MACs at ``positions`` output rows; Tucker-2's first 1×1 conv and a ConvTranspose's
+        first factor run at the input's."""
+        in_positions = in_positions or positions
+        out_channels, inputs = layer.matrix.shape
+        if layer.kind == "ConvTranspose":
+            rank = self.first.shape[0]
+            return rank * inputs * in_positions + rank * out_channels * positions
         if self.scheme != "tucker2":
             return self.params(layer) * positions
         channels, taps = layer.weight.shape[1], math.prod(layer.weight.shape[2:])
         rank_in, rank_out = self.ranks["ranks"]
-        first = channels * rank_in * (in_positions or positions)
-        return first + (rank_out * rank_in * taps + layer.matrix.shape[0] * rank_out) * positions
+        first = channels * rank_in * in_positions
+        return first + (rank_out * rank_in * taps + out_channels * rank_out) * positions
 
 
 def rewrite(graph: ir.Graph, layer: Layer, plan: Plan, namer: Namer, pass_name: str) -> None:
@@ -71,6 +77,8 @@ def rewrite(graph: ir.Graph, layer: Layer, plan: Plan, namer: Namer, pass_name: 
         nodes = _matmul_nodes(node, plan, weights)
     elif node.op_type == "Gemm":
         nodes = _gemm_nodes(node, layer, plan, weights)
+    elif node.op_type == "ConvTranspose":
+        nodes = _conv_transpose_nodes(node, layer, plan, weights)
     else:
         nodes = _conv_nodes(node, layer, plan, weights)
     for i, new in enumerate(nodes):
@@ -149,6 +157,19 @@ def _conv_nodes(node: ir.Node, layer: Layer, plan: Plan, weights: _Weights) -> l
     bias = _conv_bias(node, plan, weights)
     nodes.append(ir.node("Conv", [x, last] + ([bias] if bias is not None else [])))
     return nodes
+
+
+def _conv_transpose_nodes(node, layer: Layer, plan: Plan, weights: _Weights) -> list[ir.Node]:
+    """ConvTranspose(x, W[C, O, k]) -> Conv1×1(ConvTranspose(x, F[C, r, k]), A[O, r]): the
+    transposed conv is linear in its weight's output-channel axis, so the split commutes."""
+    channels, out_channels, *kernel = layer.weight.shape
+    rank = plan.first.shape[0]
+    first_weight = np.moveaxis(plan.first.reshape(rank, channels, *kernel), 0, 1)
+    attributes = {k: a.value for k, a in node.attributes.items() if k != "group"}
+    first = ir.node("ConvTranspose", [node.inputs[0], weights.add(first_weight)], attributes)
+    last = weights.add(plan.last.reshape(out_channels, rank, *([1] * len(kernel))))
+    bias = _conv_bias(node, plan, weights)
+    return [first, ir.node("Conv", [first.outputs[0], last] + ([bias] if bias is not None else []))]
 
 
 def _conv_bias(node: ir.Node, plan: Plan, weights: _Weights) -> ir.Value | None:

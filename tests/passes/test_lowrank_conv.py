@@ -112,28 +112,67 @@ def test_grouped_convs_are_skipped_with_reason(proto, reason):
     assert reason in report.passes[0].layers[0].reason
 
 
-def test_conv_transpose_and_dynamic_weights_are_skipped_with_reason():
-    w = numpy_helper.from_array(np.ones((4, 6, 3, 3), np.float32), "Wt")
+def conv_transpose_model(bias=True, group=1, **attrs):
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((4, 6 // group, 3, 3)).astype(np.float32)  # [C, O/g, k, k]
+    inits = [numpy_helper.from_array(weight, "Wt")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "Bt"))
+    node = helper.make_node(
+        "ConvTranspose", ["X", "Wt", "Bt"][: 2 + bias], ["Y"], name="up", group=group, **attrs
+    )
     graph = helper.make_graph(
-        [
-            helper.make_node("ConvTranspose", ["X", "Wt"], ["H"], name="up"),
-            helper.make_node("Conv", ["H", "Wd"], ["Y"], name="dyn"),
-        ],
+        [node],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 4, 5, 6])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        dict(),
+        dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),
+        dict(strides=[2, 1], dilations=[1, 2], bias=False),
+    ],
+)
+def test_conv_transpose_at_full_rank_is_exact(attrs):
+    proto = conv_transpose_model(**attrs)
+    result, report = compress(proto, [f"lowrank:{FULL}"], options=NO_VALIDATE)
+    model = ir.from_proto(result)
+    assert [n.op_type for n in model.graph] == ["ConvTranspose", "Conv"]
+    assert report.passes[0].layers[0].detail["full_rank"] == 6
+    feed = _feed(proto)
+    np.testing.assert_allclose(run(result, feed)[0], run(proto, feed)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_conv_transpose_macs_count_input_positions():
+    proto = conv_transpose_model(strides=[2, 2])
+    _, report = compress(proto, ["lowrank:rank=2,min_saving=-10"], options=NO_VALIDATE)
+    layer = report.passes[0].layers[0]
+    inputs, outputs = 2 * 5 * 6, 2 * 11 * 13  # positions before and after the upsampling
+    assert layer.macs_before == 4 * 6 * 9 * inputs
+    assert layer.macs_after == 2 * 4 * 9 * inputs + 2 * 6 * outputs
+
+
+def test_grouped_conv_transpose_and_dynamic_weights_are_skipped_with_reason():
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["X", "Wd"], ["Y"], name="dyn")],
         "g",
         [
-            helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4, 5, 5]),
+            helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 6, 5, 5]),
             helper.make_tensor_value_info("Wd", TensorProto.FLOAT, [6, 6, 3, 3]),
         ],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-        [w],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     _, report = compress(proto, ["lowrank:rank=1"], options=NO_VALIDATE)
-    reasons = {layer.node: layer.reason for layer in report.passes[0].layers}
-    assert reasons == {
-        "up": "ConvTranspose is not factorized yet",
-        "dyn": "weight is a graph input (not a constant)",
-    }
+    assert report.passes[0].layers[0].reason == "weight is a graph input (not a constant)"
+    _, report = compress(conv_transpose_model(group=2), ["lowrank:rank=1"], options=NO_VALIDATE)
+    assert "group > 1" in report.passes[0].layers[0].reason
 
 
 def test_im2col_matches_onnxruntime_conv():
