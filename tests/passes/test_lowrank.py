@@ -238,7 +238,7 @@ def test_data_aware_fit_lowers_output_error_on_the_trained_mlp():
     from fixtures.mnist import mnist_split
 
     (x_train, _), _ = mnist_split()
-    feeds = [{"input": x_train[i : i + 200].reshape(200, -1)} for i in range(0, 800, 200)]
+    feeds = [{"input": x_train[i : i + 200].reshape(200, -1)} for i in range(0, 400, 200)]
     errors = {}
     for aware in ("false", "true"):
         _, report = compress(
