@@ -154,6 +154,12 @@ def main(verbose: bool) -> None:
 )
 @click.option("--recipe", "recipe_file", type=click.Path(), help="A TOML or JSON recipe.")
 @click.option("--calibration", type=click.Path(), help="A .npz or a folder of .npy feeds.")
+@click.option(
+    "--data",
+    "validation_data",
+    type=click.Path(),
+    help="Validate on these feeds instead (default: the calibration data).",
+)
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime comparison.")
@@ -173,6 +179,7 @@ def compress(
     passes,
     recipe_file,
     calibration,
+    validation_data,
     report_path,
     as_json,
     no_validate,
@@ -188,7 +195,14 @@ def compress(
 ) -> None:
     """Compress MODEL with the given passes and print the report."""
     target = _output_path(model, output, in_place)
-    options = Options(parse_dims(dims), not no_validate, samples, batch_size, seed=seed)
+    options = Options(
+        parse_dims(dims),
+        not no_validate,
+        samples,
+        batch_size,
+        seed=seed,
+        validation_data=validation_data,
+    )
     gates = _gates(max_rel_error, min_agreement, gate_outputs)
     if gates and no_validate:
         raise click.UsageError("gates need validation; drop --no-validate")

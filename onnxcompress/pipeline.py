@@ -69,6 +69,7 @@ class Options:
     max_feeds: int | None = 64  # at most this many calibration batches are used
     latency_runs: int = 20
     seed: int = 0
+    validation_data: str | Path | Sequence[Feed] | None = None  # default: the calibration
     progress: Callable[[str], None] | None = None
 
 
@@ -105,7 +106,7 @@ def run_recipe(
         if feeds
         else known_input_shapes(model, options.dims or {})
     )
-    reference = _reference_runner(loaded, model, options, notes)
+    reference = _reference_runner(model, options, notes)
     try:
         baseline = _checks_that_hold(model, reference is not None)
         model = _upgrade_opset(model, passes, notes)
@@ -127,7 +128,9 @@ def run_recipe(
         model.metadata_props[RECIPE_METADATA_KEY] = json.dumps(recipe.to_dict())
         report.after = _stats(model, resolve_shapes(model, input_shapes), None)
         if options.validate and reference is not None:
-            _validate(report, reference, model, feeds, tolerance, options)
+            held_out = options.validation_data
+            checks = feeds if held_out is None else _feeds(held_out, model, options)
+            _validate(report, reference, model, checks, tolerance, options)
     finally:
         if reference is not None:
             reference.close()
@@ -146,7 +149,7 @@ def _feeds(calibration, model: ir.Model, options: Options) -> list[Feed]:
     return list(calibration)
 
 
-def _reference_runner(loaded, model: ir.Model, options: Options, notes: list[str]) -> Runner | None:
+def _reference_runner(model: ir.Model, options: Options, notes: list[str]) -> Runner | None:
     """A session on the original model, built before any pass touches it."""
     try:
         return Runner(model, "original model")

@@ -314,3 +314,25 @@ def test_a_pass_that_breaks_the_graph_stops_the_run_naming_it(tmp_path, good, mo
     result = invoke("compress", good, "-o", out, *LOWRANK)
     assert_one_clear_line(result, 3, "pass lowrank broke the", "MatMul")
     assert not out.exists()
+
+
+def test_compress_validates_on_separate_data_when_given(tmp_path, good):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", X=rng.standard_normal((6, 3, 64)).astype(np.float32)[:, 0])
+    np.savez(tmp_path / "held.npz", X=rng.standard_normal((12, 64)).astype(np.float32))
+    result = invoke(
+        "compress",
+        good,
+        "-o",
+        tmp_path / "o.onnx",
+        *LOWRANK,
+        "--json",
+        "--calibration",
+        tmp_path / "calib.npz",
+        "--data",
+        tmp_path / "held.npz",
+        "--batch-size",
+        "3",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["validation"]["feeds"] == 4  # 12 held-out rows by 3
