@@ -83,9 +83,10 @@ class Runner:
         """The model's own outputs on ``feed``."""
         return self._run(self.output_names, feed)
 
-    def capture(self, feed: Feed) -> dict[str, np.ndarray]:
-        """The ``extra_outputs`` values on ``feed``, by name."""
-        return dict(zip(self.extra_outputs, self._run(self.extra_outputs, feed)))
+    def capture(self, feed: Feed, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The ``extra_outputs`` values on ``feed`` (or only ``names`` among them), by name."""
+        wanted = self.extra_outputs if names is None else [n for n in names if n]
+        return dict(zip(wanted, self._run(list(wanted), feed)))
 
     def _run(self, names: list[str], feed: Feed) -> list[np.ndarray]:
         try:
