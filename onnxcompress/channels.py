@@ -162,11 +162,14 @@ class ChannelGraph:
                 if tracked:
                     self._give_up(node, tracked, f"{node.op_type} is not understood")
                 continue
+            recorded = (len(self.slices), len(self.attrs))
             try:
                 handler(self, node)
             except Blocked as why:
+                del self.slices[recorded[0] :], self.attrs[recorded[1] :]
                 self._give_up(node, tracked, str(why))
         self._block_unhandled_uses()
+        self._block_inconsistent_shared()
 
     def _give_up(self, node: ir.Node, tracked: list[ir.Value], reason: str) -> None:
         for value in tracked:
@@ -208,10 +211,28 @@ class ChannelGraph:
         return len(shape) if shape is not None else None
 
     def slice_const(self, node: ir.Node, param: ir.Value, axis: int, ref: ir.Value, role: str):
+        """Record that ``param`` shrinks with ``ref``'s channels (shared constants: see below)."""
         problem = weight_problem(param)
-        if problem:
+        if problem and not problem.startswith("weight is shared"):
             raise Blocked(f"{role} constant {param.name}: {problem}")
         self.slices.append(SliceFix(node, param, axis, ref, role))
+
+    def _block_inconsistent_shared(self) -> None:
+        """A constant read by several nodes (a Q/DQ pair's scale) may shrink only when every
+        reader slices it on the same axis for the same channels."""
+        fixes: dict[ir.Value, list[SliceFix]] = {}
+        for fix in self.slices:
+            fixes.setdefault(fix.param, []).append(fix)
+        for param, found in fixes.items():
+            if len(param.uses()) < 2:
+                continue
+            roots = [[self.find(a) for a in self.maps[f.ref].atoms.tolist()] for f in found]
+            consistent = len(found) == len(param.uses()) and all(
+                f.axis == found[0].axis and r == roots[0] for f, r in zip(found, roots)
+            )
+            if not consistent:
+                for fix in found:
+                    self.block(self.maps[fix.ref].atoms, f"constant {param.name} is shared")
 
     def groups(self) -> list[Group]:
         """Channels (union-find roots) grouped by the set of producers that create them."""
