@@ -310,3 +310,93 @@ COUPLING_CASES = {
     "transpose": TRANSPOSE,
     "qdq": QDQ,
 }
+
+
+# --- random stacks for the property test --------------------------------------------------------
+class StackBuilder:
+    """Builds Conv/BN/activation/residual/Concat/depthwise/pool stacks ending in Flatten→Gemm."""
+
+    def __init__(self, seed: int, channels_in: int = 3, size: int = 8) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.current, self.channels, self.size = "X", channels_in, size
+        self.input_channels = channels_in
+        self._count = 0
+
+    def _name(self, base: str) -> str:
+        self._count += 1
+        return f"{base}{self._count}"
+
+    def _weight(self, shape: list[int], base: str = "W", scale: float = 0.5) -> str:
+        name = self._name(base)
+        array = self.rng.standard_normal(shape) * scale
+        if base == "V":
+            array = self.rng.uniform(0.5, 1.5, shape)
+        self.inits.append(numpy_helper.from_array(array.astype(np.float32), name))
+        return name
+
+    def conv(self, source: str, c_in: int, c_out: int, kernel: int, bn: bool, act: str) -> str:
+        inputs = [source, self._weight([c_out, c_in, kernel, kernel])]
+        if not bn:
+            inputs.append(self._weight([c_out], "B", 0.2))
+        out = self._name("conv")
+        pad = kernel // 2
+        self.nodes.append(helper.make_node("Conv", inputs, [out], pads=[pad] * 4))
+        if bn:
+            params = [self._weight([c_out], k, 0.3) for k in ("P", "P", "P", "V")]
+            out = self._op("BatchNormalization", [out, *params])
+        return self.activation(out, act)
+
+    def activation(self, source: str, act: str) -> str:
+        if act == "swish":
+            return self._op("Mul", [source, self._op("Sigmoid", [source])])
+        return self._op(act, [source]) if act != "none" else source
+
+    def _op(self, op: str, inputs: list[str], **attrs) -> str:
+        out = self._name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+    def step(self, kind: str, width: int, act: str, bn: bool) -> None:
+        c = self.channels
+        if kind == "conv":
+            self.current = self.conv(self.current, c, width, 3, bn, act)
+            self.channels = width
+        elif kind == "residual":
+            main = self.conv(self.current, c, width, 3, bn, act)
+            skip = self.conv(self.current, c, width, 1, False, "none")
+            self.current, self.channels = self._op("Add", [main, skip]), width
+        elif kind == "concat":
+            left = self.conv(self.current, c, width, 3, bn, act)
+            right = self.conv(self.current, c, max(1, width // 2), 1, False, act)
+            self.current = self._op("Concat", [left, right], axis=1)
+            self.channels = width + max(1, width // 2)
+        elif kind == "depthwise":
+            weight = self._weight([c, 1, 3, 3])
+            out = self._name("dw")
+            self.nodes.append(
+                helper.make_node("Conv", [self.current, weight], [out], group=c, pads=[1] * 4)
+            )
+            self.current = self.activation(out, act)
+        elif kind == "pool" and self.size >= 4:
+            self.current = self._op("MaxPool", [self.current], kernel_shape=[2, 2], strides=[2, 2])
+            self.size //= 2
+
+    def finish(self, classes: int, trans_b: bool) -> onnx.ModelProto:
+        flat = self._op("Flatten", [self.current])
+        features = self.channels * self.size * self.size
+        shape = [classes, features] if trans_b else [features, classes]
+        inputs = [flat, self._weight(shape), self._weight([classes], "B", 0.2)]
+        self.nodes.append(helper.make_node("Gemm", inputs, ["Y"], transB=int(trans_b)))
+        graph = helper.make_graph(
+            self.nodes,
+            "stack",
+            [helper.make_tensor_value_info("X", 1, [2, self.input_channels, 8, 8])],
+            [helper.make_tensor_value_info("Y", 1, [2, classes])],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        return model

@@ -218,17 +218,17 @@ class _FilterPruning:
         return pruned
 
     def _select_for_macs(self, prunable, scores) -> np.ndarray:
-        """Bisect a global ratio until the estimated MACs share reaches the target."""
+        """Bisect a global ratio for the least pruning whose MACs share reaches the target."""
         total = self._macs_after(np.zeros(len(self.cg.parent), dtype=bool))
         low, high = 0.0, self.config.max_ratio
-        best = self._pruned_at(prunable, scores, low)
+        best = self._pruned_at(prunable, scores, high)
         for _ in range(20):
             middle = (low + high) / 2
             pruned = self._pruned_at(prunable, scores, middle)
-            if total and self._macs_after(pruned) / total >= self.config.target_macs:
-                low, best = middle, pruned
+            if not total or self._macs_after(pruned) / total <= self.config.target_macs:
+                high, best = middle, pruned
             else:
-                high = middle
+                low = middle
         return best
 
     def _macs_after(self, pruned: np.ndarray) -> int:
@@ -320,6 +320,8 @@ class _FilterPruning:
             if params_after == params and node_label(node) not in repaired:
                 continue
             detail = _shape_detail(self.cg, node, pruned)
+            if id(node) in self._blocked_sources:
+                detail["filters"] = f"not pruned: {self._blocked_sources[id(node)]}"
             fit = repaired.get(node_label(node))
             if fit is not None:
                 detail["repair"] = fit.skipped or {
@@ -335,6 +337,15 @@ class _FilterPruning:
                 )
             )  # fmt: skip
         self._report_skipped()
+
+    @property
+    def _blocked_sources(self) -> dict[int, str]:
+        found = {}
+        for group in self.groups:
+            problem = self._group_problem(group)
+            for source in group.sources if problem else []:
+                found.setdefault(id(source.node), problem)
+        return found
 
     def _report_skipped(self) -> None:
         reported = {layer.node for layer in self.report.layers}
