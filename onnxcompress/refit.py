@@ -133,11 +133,12 @@ def _accumulate(target: Target, x: np.ndarray, y: np.ndarray, max_rows: int, rng
         outputs = outputs[:, target.out_keep]
     if _has_intercept(node):
         rows = np.concatenate([rows, np.ones((len(rows), 1), rows.dtype)], axis=1)
-    rows, outputs = rows.astype(np.float64), outputs.astype(np.float64)
+    # products of one batch in float32 (the costly part), sums over batches in float64
+    rows, outputs = rows.astype(np.float32), outputs.astype(np.float32)
     stats = target.stats
-    stats["G"] = stats.get("G", 0) + rows.T @ rows
-    stats["H"] = stats.get("H", 0) + rows.T @ outputs
-    stats["YY"] = stats.get("YY", 0) + float(np.square(outputs).sum())
+    stats["G"] = stats.get("G", 0) + (rows.T @ rows).astype(np.float64)
+    stats["H"] = stats.get("H", 0) + (rows.T @ outputs).astype(np.float64)
+    stats["YY"] = stats.get("YY", 0) + float(np.square(outputs, dtype=np.float64).sum())
 
 
 def _conv_rows(node: ir.Node, x: np.ndarray, y: np.ndarray, max_rows: int, rng):
@@ -217,7 +218,8 @@ def _solve_and_store(target: Target, damping: float, namer: Namer) -> RefitResul
         return RefitResult(label, skipped=f"shape mismatch {current.shape} vs {cross.shape}")
     ridge = damping * max(float(np.trace(gram)) / len(gram), 1e-12)
     if target.mask is None:
-        solved = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross + ridge * current)
+        system = gram + ridge * np.eye(len(gram))
+        solved = _solve(system, cross + ridge * current)
     else:
         solved = _masked_solve(gram, cross, current, target.mask, ridge)
     before = _relative_error(stats, current)
@@ -236,8 +238,16 @@ def _masked_solve(gram, cross, current, mask: np.ndarray, ridge: float) -> np.nd
         support = np.flatnonzero(support_all[:, column])
         sub = gram[np.ix_(support, support)] + ridge * np.eye(len(support))
         rhs = cross[support, column] + ridge * current[support, column]
-        solved[support, column] = np.linalg.solve(sub, rhs)
+        solved[support, column] = _solve(sub, rhs)
     return solved
+
+
+def _solve(system: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve the (ridge-regularized, symmetric) system; least squares if it is singular."""
+    try:
+        return np.linalg.solve(system, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(system, rhs, rcond=None)[0]
 
 
 def _relative_error(stats: dict, matrix: np.ndarray) -> float:

@@ -369,3 +369,39 @@ def test_trained_cnn_30_percent_with_repair(mnist):
     assert report.validation is not None and report.after.macs < 0.6 * report.before.macs
     kinds = {layer.op_type for layer in report.passes[0].rewritten}
     assert {"Conv", "Gemm", "BatchNormalization"} <= kinds
+
+
+# --- real models ------------------------------------------------------------------------------
+def test_ultraface_30_percent_validates_and_repair_halves_the_error(real):
+    from fixtures.photos import ultraface_feeds
+
+    feeds = ultraface_feeds(real)
+    calibration, held_out = feeds[:4], feeds[6:]
+    source = str(real / "ultraface_rfb320.onnx")
+    errors = {}
+    for repair in ("none", "lstsq"):
+        model, report = compress(
+            source, [f"prune:ratio=0.3,repair={repair},max_rows=1024"], calibration=calibration,
+            options=Options(latency_runs=2),
+        )  # fmt: skip
+        assert report.validation is not None
+        errors[repair] = _rel_error(onnx.load(source), ir.to_proto(model), held_out)
+    assert errors["lstsq"] * 2 <= errors["none"], errors
+    assert report.after.macs < 0.7 * report.before.macs
+    heads = [layer for layer in report.passes[0].layers if "filters" in layer.detail]
+    assert len(heads) == 8  # score and box heads feed graph outputs: their filters stay
+
+
+def test_ppocrv4_det_prunes_and_validates(real):
+    from fixtures.photos import ppocr_det_feeds
+
+    pages = ppocr_det_feeds(3)
+    _, report = compress(
+        str(real / "ppocrv4_det.onnx"), ["prune:ratio=0.3,max_rows=512"], calibration=pages,
+        options=Options(latency_runs=2),
+    )  # fmt: skip
+    assert report.validation is not None and report.validation.outputs[0].cosine > 0.8
+    ops = {layer.op_type for layer in report.passes[0].rewritten}
+    assert {"Conv", "ConvTranspose"} <= ops
+    assert report.after.params < 0.6 * report.before.params
+    assert "lifted" in " ".join(report.normalization)  # the weights were Constant nodes
