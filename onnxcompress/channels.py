@@ -95,6 +95,7 @@ class Group:
     sources: list[Source]
     channels: list[int]  # union-find roots
     blocked: list[str]
+    blocks: list[list[int]] | None = None  # grouped conv: remove as many from each block
 
     @property
     def size(self) -> int:
@@ -119,6 +120,7 @@ class ChannelGraph:
         self.slices: list[SliceFix] = []
         self.attrs: list[AttrFix] = []
         self.bn_scale: dict[int, float] = {}  # atom -> |gamma| of the BN it passes through
+        self.partitions: list[list[np.ndarray]] = []  # grouped conv blocks of atoms
         self.handled: set[tuple[int, int]] = set()  # (id(node), input index) understood
         self._walk()
 
@@ -248,7 +250,27 @@ class ChannelGraph:
                 reason = self.blocked.get(atom) or (None if key else "no producer")
                 if reason and reason not in group.blocked:
                     group.blocked.append(reason)
-        return list(by_key.values())
+        groups = list(by_key.values())
+        self._attach_partitions(groups)
+        return groups
+
+    def _attach_partitions(self, groups: list[Group]) -> None:
+        """Give each group the grouped-conv blocks it must shrink evenly, or block it."""
+        owner = {root: group for group in groups for root in group.channels}
+        for partition in self.partitions:
+            blocks = [sorted({self.find(a) for a in block.tolist()}) for block in partition]
+            roots = [r for block in blocks for r in block]
+            touched = {id(owner[r]): owner[r] for r in roots}
+            group = next(iter(touched.values()))
+            fits = len(touched) == 1 and len(set(roots)) == len(roots) == group.size
+            fits = fits and len({len(b) for b in blocks}) == 1
+            if fits and group.blocks not in (None, blocks):
+                fits = sorted(map(tuple, group.blocks)) == sorted(map(tuple, blocks))
+            if fits:
+                group.blocks = blocks
+                continue
+            for found in touched.values():
+                found.blocked.append("grouped conv blocks do not match the channel groups")
 
     def members(self) -> dict[int, list[int]]:
         found: dict[int, list[int]] = {}
@@ -463,10 +485,10 @@ def _new_source(cg, node: ir.Node, weight: ir.Value, axis: int, count: int, rank
 def _grouped_conv(cg, node, weight, groups: int, cmap: ChannelMap | None) -> None:
     """Depthwise (one input channel per group): a per-channel op whose group count shrinks."""
     shape = weight.const_value.shape
-    if node.op_type != "Conv" or shape[1] != 1 or shape[0] != groups:
-        if cmap is not None:
-            raise Blocked(f"grouped conv (group={groups}) is not pruned")
-        return  # an untracked input: its output is simply not prunable
+    if node.op_type != "Conv" or shape[0] % groups:
+        raise Blocked(f"grouped {node.op_type} (group={groups}) is not pruned")
+    if shape[1] != 1 or shape[0] != groups:
+        return _even_groups(cg, node, weight, groups, cmap)
     if cmap is None:
         return
     if cmap.axis != 1 or len(cmap.atoms) != groups:
@@ -478,6 +500,31 @@ def _grouped_conv(cg, node, weight, groups: int, cmap: ChannelMap | None) -> Non
     cg.attrs.append(AttrFix(node, "group", {"ref": node.outputs[0]}))
     cg.use(node, *range(len(node.inputs)))
     cg.maps[node.outputs[0]] = ChannelMap(1, cmap.rank, cmap.atoms)
+
+
+def _even_groups(cg, node, weight, groups: int, cmap: ChannelMap | None) -> None:
+    """Grouped conv: every group must lose as many input (and output) channels as the others.
+
+    The weight [C_out, C_in/g, k, k] is rebuilt group by group at removal time.
+    """
+    shape = weight.const_value.shape
+    if weight_problem(weight):
+        raise Blocked(f"weight {weight_problem(weight)}")
+    if cmap is not None:
+        if cmap.axis != 1 or len(cmap.atoms) != shape[1] * groups:
+            raise Blocked("grouped conv does not line up with the channel axis")
+        cg.partitions.append(np.split(cmap.atoms, groups))
+        cg.use(node, 0)
+    index = len(cg.sources)
+    output = node.outputs[0]
+    cg.sources.append(Source(node, weight, 0, output))
+    cg.maps[output] = ChannelMap(1, len(shape), cg.new_atoms(shape[0], index))
+    cg.partitions.append(np.split(cg.maps[output].atoms, groups))
+    info = {"weight": weight, "groups": groups, "input": node.inputs[0], "output": output}
+    cg.attrs.append(AttrFix(node, "grouped", info))
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None:
+        cg.slice_const(node, bias, 0, output, "out")
 
 
 @handles("Gemm", "MatMul")
@@ -789,7 +836,29 @@ def _fix_resize(cg, fix: AttrFix, pruned, namer) -> None:
     _replace_input(node, 3, sizes, namer)
 
 
+def _fix_grouped(cg, fix: AttrFix, pruned, namer) -> None:
+    """Rebuild a grouped conv weight: each group keeps its own kept rows and columns."""
+    info = fix.info
+    weight = np.asarray(info["weight"].const_value.numpy())
+    groups, rows_per, cols_per = info["groups"], weight.shape[0] // info["groups"], weight.shape[1]
+    out_keep = ~pruned[cg.maps[info["output"]].atoms]
+    source = info["input"]
+    in_keep = (
+        ~pruned[cg.maps[source].atoms] if source in cg.maps else np.ones(groups * cols_per, bool)
+    )
+    parts = []
+    for g in range(groups):
+        rows = weight[g * rows_per : (g + 1) * rows_per][
+            out_keep[g * rows_per : (g + 1) * rows_per]
+        ]
+        parts.append(rows[:, in_keep[g * cols_per : (g + 1) * cols_per]])
+    if len({p.shape[1] for p in parts}) != 1:
+        raise ValueError(f"{node_label(fix.node)}: groups lost different numbers of channels")
+    _set_const(info["weight"], np.concatenate(parts, axis=0))
+
+
 _ATTR_FIXES = {
+    "grouped": _fix_grouped,
     "group": _fix_group,
     "split": _fix_split,
     "slice": _fix_slice,

@@ -62,8 +62,11 @@ def random_pruning(cg: channels.ChannelGraph, rng: np.random.Generator, share=0.
     for group in cg.groups():
         if group.blocked or group.size < 2:
             continue
-        count = min(group.size - 1, max(1, round(share * group.size)))
-        chosen.extend(rng.choice(group.channels, count, replace=False).tolist())
+        blocks = group.blocks or [group.channels]
+        size = len(blocks[0])
+        count = min(size - 1, round(share * size)) if size > 1 else 0
+        for block in blocks:  # grouped convs: the same count from each block
+            chosen.extend(rng.choice(block, count, replace=False).tolist())
     pruned = channels.pruned_atoms(cg, chosen)
     for cmap in cg.maps.values():  # as the pass does: no value loses every channel
         if len(cmap.atoms) and pruned[cmap.atoms].all():
@@ -76,14 +79,17 @@ def masked_oracle(model: ir.Model, cg: channels.ChannelGraph, pruned) -> onnx.Mo
     """The unpruned model with pruned channels zeroed at the input of every reducing layer."""
     proto = ir.to_proto(model)
     by_output = {n.output[0]: n for n in proto.graph.node}
-    for fix in cg.slices:
-        if fix.role != "in":
+    reducing = [(f.node, f.ref) for f in cg.slices if f.role == "in"] + [
+        (f.node, f.info["input"]) for f in cg.attrs if f.kind == "grouped"
+    ]
+    for node_ir, value in reducing:
+        if value not in cg.maps:
             continue
-        cmap = cg.maps[fix.ref]
+        cmap = cg.maps[value]
         shape = [1] * cmap.rank
         shape[cmap.axis] = len(cmap.atoms)
         mask = (~pruned[cmap.atoms]).astype(np.float32).reshape(shape)
-        node = by_output[fix.node.outputs[0].name]
+        node = by_output[node_ir.outputs[0].name]
         name = f"mask_{node.output[0]}"
         if any(i.name == name for i in proto.graph.initializer):
             continue
@@ -293,7 +299,18 @@ g (float[1, 3, 8, 8] X, float[8, 3, 3, 3] W1, float[5, 8, 1, 1] W2) => (float[1,
     Y = Conv (dq, W2)
 }"""
 
+GROUPED = """
+g (float[1, 3, 8, 8] X, float[8, 3, 3, 3] W1, float[12, 4, 3, 3] W2, float[12] B2,
+   float[5, 12, 1, 1] W3) => (float[1, 5, 8, 8] Y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (X, W1)
+    r1 = Relu (c1)
+    g2 = Conv <group = 2, pads = [1, 1, 1, 1]> (r1, W2, B2)
+    r2 = Relu (g2)
+    Y = Conv (r2, W3)
+}"""
+
 COUPLING_CASES = {
+    "grouped": GROUPED,
     "conv_bn": CONV_BN,
     "conv_transpose": CONV_TRANSPOSE,
     "gemm": GEMM,
@@ -314,7 +331,7 @@ COUPLING_CASES = {
 
 # --- random stacks for the property test --------------------------------------------------------
 class StackBuilder:
-    """Builds Conv/BN/activation/residual/Concat/depthwise/pool stacks ending in Flatten→Gemm."""
+    """Conv/BN/activation/residual/Concat/depthwise/grouped/pool stacks ending in Flatten→Gemm."""
 
     def __init__(self, seed: int, channels_in: int = 3, size: int = 8) -> None:
         self.rng = np.random.default_rng(seed)
@@ -379,6 +396,13 @@ class StackBuilder:
                 helper.make_node("Conv", [self.current, weight], [out], group=c, pads=[1] * 4)
             )
             self.current = self.activation(out, act)
+        elif kind == "grouped" and c % 2 == 0:
+            weight = self._weight([2 * width, c // 2, 3, 3])
+            out = self._name("grouped")
+            self.nodes.append(
+                helper.make_node("Conv", [self.current, weight], [out], group=2, pads=[1] * 4)
+            )
+            self.current, self.channels = self.activation(out, act), 2 * width
         elif kind == "pool" and self.size >= 4:
             self.current = self._op("MaxPool", [self.current], kernel_shape=[2, 2], strides=[2, 2])
             self.size //= 2

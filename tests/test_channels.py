@@ -109,11 +109,19 @@ BLOCKED = {
             n = LRN <size = 3> (c)
             Y = Conv (n, W2)
         }""",
-    "grouped conv (group=2) is not pruned": """
-        g (float[1, 3, 8, 8] X, float[8, 3, 3, 3] W1, float[4, 4, 1, 1] W2)
+    "grouped conv blocks do not match the channel groups": """
+        g (float[1, 3, 8, 8] X, float[6, 3, 3, 3] W1, float[2, 3, 1, 1] W0,
+           float[4, 4, 1, 1] W2) => (float[1, 4, 8, 8] Y) {
+            c = Conv <pads = [1, 1, 1, 1]> (X, W1)
+            d = Conv (X, W0)
+            cat = Concat <axis = 1> (c, d)
+            Y = Conv <group = 2> (cat, W2)
+        }""",
+    "grouped ConvTranspose (group=2) is not pruned": """
+        g (float[1, 3, 8, 8] X, float[8, 3, 3, 3] W1, float[8, 2, 1, 1] W2)
           => (float[1, 4, 8, 8] Y) {
             c = Conv <pads = [1, 1, 1, 1]> (X, W1)
-            Y = Conv <group = 2> (c, W2)
+            Y = ConvTranspose <group = 2> (c, W2)
         }""",
     "Reshape splits or mixes the channel axis": """
         g (float[1, 3, 4, 4] X, float[8, 3, 1, 1] W1, float[4, 8, 1, 1] W2)

@@ -190,8 +190,10 @@ class _FilterPruning:
         chosen: list[int] = []
         for group in prunable:
             share = self._group_ratio(group) if ratio is None else ratio
-            ranked = sorted(group.channels, key=lambda c: scores[c])
-            chosen.extend(ranked[: self._count_to_remove(group.size, share)])
+            count = self._count_to_remove(group.size, share)
+            for block in group.blocks or [group.channels]:  # grouped conv: evenly per block
+                ranked = sorted(block, key=lambda c: scores[c])
+                chosen.extend(ranked[: count // len(group.blocks or [block])])
         pruned = channels.pruned_atoms(self.cg, chosen)
         return self._keep_every_value_alive(pruned, scores)
 
@@ -303,7 +305,7 @@ class _FilterPruning:
 
     # --- report ---------------------------------------------------------------------------------
     def _touched_nodes(self) -> list[ir.Node]:
-        nodes = {id(f.node): f.node for f in self.cg.slices}
+        nodes = {id(f.node): f.node for f in [*self.cg.slices, *self.cg.attrs]}
         return [n for n in self.model.graph if id(n) in nodes]
 
     def _snapshot(self) -> dict[int, tuple[int, int, int | None, float]]:

@@ -297,7 +297,7 @@ def test_sparsity_repair_keeps_zeros_and_cuts_error():
 
 # --- random stacks ----------------------------------------------------------------------------
 STEP = st.tuples(
-    st.sampled_from(["conv", "residual", "concat", "depthwise", "pool"]),
+    st.sampled_from(["conv", "residual", "concat", "depthwise", "grouped", "pool"]),
     st.integers(2, 8),
     st.sampled_from(["Relu", "Sigmoid", "none", "swish"]),
     st.booleans(),
@@ -405,3 +405,13 @@ def test_ppocrv4_det_prunes_and_validates(real):
     assert {"Conv", "ConvTranspose"} <= ops
     assert report.after.params < 0.6 * report.before.params
     assert "lifted" in " ".join(report.normalization)  # the weights were Constant nodes
+
+
+def test_grouped_conv_loses_as_many_channels_in_every_group():
+    proto = build(COUPLING_CASES["grouped"])
+    result, _ = compress(proto, ["prune:ratio=0.5,repair=none"], options=NO_VALIDATE)
+    weights = _weights(result)
+    assert weights["W1"].shape[0] == 4 and weights["W2"].shape == (6, 2, 3, 3)
+    assert weights["B2"].shape == (6,) and weights["W3"].shape == (5, 6, 1, 1)
+    groups = [a.i for n in result.graph.node for a in n.attribute if a.name == "group"]
+    assert groups == [2]
