@@ -342,6 +342,9 @@ def _resize(cg: ChannelGraph, node: ir.Node) -> None:
         if _int_list(sizes) is None:
             raise Blocked("Resize sizes are computed at run time")
         cg.attrs.append(AttrFix(node, "resize", {"ref": node.inputs[0]}))
+    elif scales is None and "scales" in node.attributes:  # Upsample before opset 9
+        if node.attributes.get_floats("scales")[cmap.axis] != 1:
+            raise Blocked("Upsample scales the channel axis")
     elif scales is not None:
         values = None if scales.const_value is None else scales.const_value.numpy().reshape(-1)
         if values is not None and len(values) and values[cmap.axis] != 1:

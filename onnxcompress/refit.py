@@ -29,6 +29,10 @@ from onnxcompress.validate import Runner
 logger = logging.getLogger(__name__)
 
 
+#: A masked refit solves one system per output column; past this many inputs it is too slow.
+MAX_MASKED_FEATURES = 2048
+
+
 class NotRefittable(Exception):
     """This layer's form is outside what the closed-form refit handles."""
 
@@ -216,6 +220,8 @@ def _solve_and_store(target: Target, damping: float, namer: Namer) -> RefitResul
     current = _current(node, gram.shape[0])
     if current.shape != cross.shape:
         return RefitResult(label, skipped=f"shape mismatch {current.shape} vs {cross.shape}")
+    if target.mask is not None and len(gram) > MAX_MASKED_FEATURES:
+        return RefitResult(label, skipped=f"{len(gram)} inputs: too many for a masked refit")
     ridge = damping * max(float(np.trace(gram)) / len(gram), 1e-12)
     if target.mask is None:
         system = gram + ridge * np.eye(len(gram))
