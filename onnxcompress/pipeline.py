@@ -116,7 +116,11 @@ def run_recipe(
             source=str(loaded.path) if loaded.path else None,
         )
         ctx = PassContext(
-            calibration=feeds, teacher=reference, seed=options.seed, progress=options.progress
+            calibration=feeds,
+            teacher=reference,
+            synthetic_calibration=calibration is None,
+            seed=options.seed,
+            progress=options.progress,
         )
         for compression_pass in passes:
             report.passes.append(_run_pass(compression_pass, model, ctx, input_shapes, baseline))

@@ -72,6 +72,7 @@ class PassContext:
     shapes: Shapes = field(default_factory=dict)
     calibration: list[dict[str, np.ndarray]] | None = None
     teacher: Runner | None = None  # an onnxruntime session on the original model
+    synthetic_calibration: bool = False  # the feeds are seeded noise, not the user's data
     seed: int = 0
     progress: Callable[[str], None] | None = None
     rng: np.random.Generator = field(init=False)

@@ -126,8 +126,9 @@ class _FilterPruning:
         before = self._snapshot()
         targets = self._repair_targets(pruned)
         teacher = self._teacher(targets)
+        means = {t.node.inputs[0].name: _expected_means(t.node.inputs[0]) for t in targets}
         channels.apply(self.cg, pruned, self.namer)
-        repaired = self._repair(targets, teacher, pruned)
+        repaired = self._repair(targets, teacher, pruned, means)
         self._report_layers(before, pruned, repaired)
 
     # --- which groups, how important, how many --------------------------------------------
@@ -254,7 +255,14 @@ class _FilterPruning:
 
     # --- repair ---------------------------------------------------------------------------------
     def _repair_mode(self) -> str:
-        return "lstsq" if self.config.repair == "auto" else self.config.repair
+        """auto: least squares on the user's data; a data-free bias fold without it."""
+        if self.config.repair != "auto":
+            return self.config.repair
+        return "bias" if self._data_free else "lstsq"
+
+    @property
+    def _data_free(self) -> bool:
+        return self.ctx.synthetic_calibration or not self.ctx.calibration
 
     def _repair_targets(self, pruned: np.ndarray) -> list[Target]:
         """Consumers that lost input channels, matched on their kept output channels."""
@@ -275,21 +283,31 @@ class _FilterPruning:
 
     def _teacher(self, targets: list[Target]) -> Runner | None:
         """A session on the model as the pass found it, exposing the targets' outputs."""
-        if self._repair_mode() == "none" or not targets or not self.ctx.calibration:
+        mode = self._repair_mode()
+        if mode == "none" or not targets or (mode == "bias" and self._data_free):
+            return None
+        if not self.ctx.calibration:
             return None
         names = [t.node.outputs[0].name for t in targets]
-        if self._repair_mode() == "bias":
+        if mode == "bias":
             names = [t.node.inputs[0].name for t in targets]
         return Runner(self.model, "model before pruning", extra_outputs=names)
 
-    def _repair(self, targets, teacher: Runner | None, pruned) -> dict[str, RefitResult]:
+    def _repair(self, targets, teacher: Runner | None, pruned, means) -> dict[str, RefitResult]:
+        mode = self._repair_mode()
+        if mode == "bias" and self._data_free:
+            self.report.notes.append("repair: bias fold of expected values from BN statistics")
+            return _fold_bias(self.cg, targets, means, self.ctx, pruned, self.namer)
         if teacher is None:
-            if targets and self._repair_mode() != "none":
+            if targets and mode != "none":
                 self.report.notes.append("repair skipped: no calibration data")
             return {}
+        if mode == "lstsq" and self.ctx.synthetic_calibration:
+            self.report.notes.append("repair fitted on synthetic data: pass real calibration")
         try:
-            if self._repair_mode() == "bias":
-                return _fold_bias(self.cg, targets, teacher, self.ctx, pruned, self.namer)
+            if mode == "bias":
+                means = _input_means(self.cg, targets, teacher, self.ctx)
+                return _fold_bias(self.cg, targets, means, self.ctx, pruned, self.namer)
             results = refit(
                 self.model,
                 targets,
@@ -381,21 +399,23 @@ def _shape_detail(cg: ChannelGraph, node: ir.Node, pruned: np.ndarray) -> dict:
     return detail
 
 
-def _fold_bias(cg, targets: list[Target], teacher: Runner, ctx: PassContext, pruned, namer):
+def _fold_bias(cg, targets: list[Target], means: dict, ctx: PassContext, pruned, namer):
     """Fold the mean contribution of removed input channels into each consumer's bias.
 
-    The means come from the calibration feeds; for a padded convolution each kernel tap is
-    weighted by the share of output positions where it reads inside the image (the bias can
-    only hold the average over positions).
+    The means are measured on the calibration feeds, or without data expected from the BN
+    statistics upstream. For a padded convolution each kernel tap is weighted by the share
+    of output positions where it reads inside the image (a bias holds the average).
     """
-    means = _input_means(cg, targets, teacher, ctx)
     results = {}
     for target in targets:
         node = target.node
         removed = np.flatnonzero(pruned[cg.maps[node.inputs[0]].atoms])
         label = node_label(node)
+        mean = means.get(node.inputs[0].name)
         try:
-            shift = _removed_contribution(node, target, removed, means[node.inputs[0].name], ctx)
+            if mean is None or np.isnan(mean[removed]).any():
+                raise ValueError("expected value of the removed channels is unknown without data")
+            shift = _removed_contribution(node, target, removed, mean, ctx)
         except ValueError as why:
             results[label] = RefitResult(label, skipped=str(why))
             continue
@@ -404,6 +424,46 @@ def _fold_bias(cg, targets: list[Target], teacher: Runner, ctx: PassContext, pru
         _add_to_bias(node, shift, namer)
         results[label] = RefitResult(label)
     return results
+
+
+def _expected_means(value: ir.Value) -> np.ndarray | None:
+    """Per-channel expected value of an activation from BN statistics alone, or None.
+
+    Understood chains: BatchNormalization (mean beta, std |gamma|), then optionally Relu
+    (a rectified Gaussian), Identity/Dropout, average pooling (keeps the mean).
+    """
+    stats = _expected_stats(value)
+    return None if stats is None else stats[0]
+
+
+def _expected_stats(value: ir.Value) -> tuple[np.ndarray, np.ndarray | None] | None:
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "BatchNormalization":
+        gamma, beta = (node.inputs[i].const_value for i in (1, 2))
+        if gamma is None or beta is None:
+            return None
+        return np.asarray(beta.numpy(), np.float64), np.abs(np.asarray(gamma.numpy(), np.float64))
+    upstream = _expected_stats(node.inputs[0]) if node.inputs else None
+    if upstream is None:
+        return None
+    if node.op_type in ("Identity", "Dropout"):
+        return upstream
+    if node.op_type in ("AveragePool", "GlobalAveragePool"):
+        return upstream[0], None
+    if node.op_type == "Relu" and upstream[1] is not None:
+        return _rectified(*upstream), None
+    return None
+
+
+def _rectified(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """E[max(0, x)] for x ~ N(mean, std²), per channel."""
+    std = np.maximum(std, 1e-12)
+    z = mean / std
+    cdf = 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for v in z]))
+    pdf = np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return mean * cdf + std * pdf
 
 
 def _input_means(cg, targets, teacher: Runner, ctx: PassContext) -> dict[str, np.ndarray]:

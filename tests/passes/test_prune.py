@@ -415,3 +415,23 @@ def test_grouped_conv_loses_as_many_channels_in_every_group():
     assert weights["B2"].shape == (6,) and weights["W3"].shape == (5, 6, 1, 1)
     groups = [a.i for n in result.graph.node for a in n.attribute if a.name == "group"]
     assert groups == [2]
+
+
+def test_without_data_auto_repair_folds_bn_expectations_into_the_bias():
+    """BN running statistics that match the data make the data-free fold an improvement."""
+    from onnxcompress.validate import Runner
+
+    proto = build(COUPLING_CASES["conv_bn"], seed=4)
+    feeds = [feed_for(proto, seed=100 + i) for i in range(32)]
+    runner = Runner(ir.from_proto(proto), extra_outputs=["c1"])
+    conv_out = np.concatenate([runner.capture(feed)["c1"] for feed in feeds])
+    weights = _weights(proto)
+    weights["P3"], weights["V1"] = conv_out.mean((0, 2, 3)), conv_out.var((0, 2, 3))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in weights.items())
+    errors = {}
+    for repair in ("none", "auto"):
+        result, report = compress(proto, [f"prune:ratio=0.5,repair={repair}"], options=NO_VALIDATE)
+        errors[repair] = _rel_error(proto, result, feeds[:8])
+    assert any("bias fold of expected values" in note for note in report.passes[0].notes)
+    assert errors["auto"] < 0.8 * errors["none"]
