@@ -55,7 +55,7 @@ class Prune(CompressionPass):
         exclude: tuple[str, ...] = ()  # producer node-name globs whose groups are left alone
         scope: str = "layer"  # sparsity: per "layer" or one "global" magnitude threshold
         repair: str = "auto"  # auto (lstsq for filters, none for sparsity), lstsq, bias, none
-        damping: float = 1e-3  # ridge towards the unrepaired weights, relative to mean diag(XᵀX)
+        damping: float = 0.1  # ridge towards the unrepaired weights, relative to mean diag(XᵀX)
         max_rows: int = 4096  # rows sampled per batch and layer for the refit
 
         def __post_init__(self) -> None:
