@@ -34,8 +34,11 @@ _FLOAT = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataTyp
 
 
 class Prune(CompressionPass):
-    """Drop the least important filters of each channel group (and fix every consumer), or zero
-    the smallest weights (mode=sparsity); refit consumers by least squares on calibration data."""
+    """Drop the weakest filters of each channel group, fixing every consumer; or zero small weights.
+
+    Structured (mode=filters): channel-dependency groups from ``channels.py``; consumers are
+    refitted by least squares on calibration data (or get a bias fold without data).
+    Unstructured (mode=sparsity): the smallest-magnitude weights per layer or globally."""
 
     name = "prune"
 
@@ -344,10 +347,7 @@ class _FilterPruning:
                 detail["filters"] = f"not pruned: {self._blocked_sources[id(node)]}"
             fit = repaired.get(node_label(node))
             if fit is not None:
-                detail["repair"] = fit.skipped or {
-                    "error_before": fit.error_before,
-                    "error_after": fit.error_after,
-                }
+                detail["repair"] = _repair_detail(fit)
             share = self._kept_share(node, pruned) if macs else None
             self.report.layers.append(
                 LayerReport(
@@ -375,6 +375,15 @@ class _FilterPruning:
                 if node_label(source.node) not in reported:
                     reported.add(node_label(source.node))
                     self.report.layers.append(LayerReport.skipped(source.node, problem))
+
+
+def _repair_detail(fit: RefitResult) -> str | dict[str, float]:
+    """What the repair did to a layer: its output error on calibration data, or why not."""
+    if fit.skipped:
+        return fit.skipped
+    if fit.error_before is None:
+        return "bias fold"
+    return {"error_before": round(fit.error_before, 4), "error_after": round(fit.error_after, 4)}
 
 
 def _matches(node: ir.Node, patterns: tuple[str, ...]) -> bool:
@@ -632,10 +641,7 @@ class _Sparsify:
             detail = {"sparsity": zeros / max(weight.size, 1)}
             fit = repaired.get(node_label(node))
             if fit is not None:
-                detail["repair"] = fit.skipped or {
-                    "error_before": fit.error_before,
-                    "error_after": fit.error_after,
-                }
+                detail["repair"] = _repair_detail(fit)
             self.report.layers.append(
                 LayerReport(
                     node_label(node), node.op_type, "rewritten", None, detail,
