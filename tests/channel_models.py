@@ -309,7 +309,18 @@ g (float[1, 3, 8, 8] X, float[8, 3, 3, 3] W1, float[12, 4, 3, 3] W2, float[12] B
     Y = Conv (r2, W3)
 }"""
 
+UPSAMPLE = """<ir_version: 4, opset_import: ["" : 9]>
+g (float[1, 3, 4, 4] X, float[8, 3, 3, 3] W1, float[5, 8, 1, 1] W2) => (float[1, 5, 8, 8] Y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (X, W1)
+    gp = GlobalMaxPool (c1)
+    m = Mul (c1, gp)
+    scales = Constant <value = float[4] {1.0, 1.0, 2.0, 2.0}> ()
+    up = Upsample <mode = "nearest"> (m, scales)
+    Y = Conv (up, W2)
+}"""
+
 COUPLING_CASES = {
+    "upsample_opset9": UPSAMPLE,
     "grouped": GROUPED,
     "conv_bn": CONV_BN,
     "conv_transpose": CONV_TRANSPOSE,
