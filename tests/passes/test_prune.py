@@ -435,3 +435,14 @@ def test_without_data_auto_repair_folds_bn_expectations_into_the_bias():
         errors[repair] = _rel_error(proto, result, feeds[:8])
     assert any("bias fold of expected values" in note for note in report.passes[0].notes)
     assert errors["auto"] < 0.8 * errors["none"]
+
+
+def test_synthetic_calibration_is_flagged_and_auto_repair_stays_data_free():
+    proto = build(COUPLING_CASES["conv_bn"])
+    _, report = compress(proto, ["prune:ratio=0.5"], options=Options(latency_runs=1))
+    assert any("bias fold of expected values" in n for n in report.passes[0].notes)
+    feeds = _calibration(proto, 4)
+    _, report = compress(proto, ["prune:ratio=0.5"], calibration=feeds, options=NO_VALIDATE)
+    assert not any("bias fold" in n for n in report.passes[0].notes)
+    refitted = [layer for layer in report.passes[0].layers if "repair" in layer.detail]
+    assert refitted and isinstance(refitted[0].detail["repair"], dict)
