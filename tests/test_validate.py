@@ -138,6 +138,7 @@ def test_runner_captures_intermediate_activations_without_changing_outputs(tmp_p
     path = tmp_path / "m.onnx"
     onnx.save(scale_model(2.0), path)
     assert sorted(Runner(str(path), extra_outputs=["H"]).capture({"X": x})) == ["H"]
+    assert list(runner.capture({"X": x}, names=["H"])) == ["H"]  # only the names asked for
 
 
 def test_with_outputs_opens_the_same_model_with_other_extras(tmp_path):

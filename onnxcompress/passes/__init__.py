@@ -8,8 +8,9 @@ from onnxcompress.passes.base import (
     Skip,
 )
 from onnxcompress.passes.lowrank import LowRank
+from onnxcompress.passes.prune import Prune
 
-PASSES: dict[str, type[CompressionPass]] = {cls.name: cls for cls in (LowRank,)}
+PASSES: dict[str, type[CompressionPass]] = {cls.name: cls for cls in (LowRank, Prune)}
 
 __all__ = [
     "PASSES",
@@ -18,5 +19,6 @@ __all__ = [
     "LowRank",
     "PassContext",
     "PassReport",
+    "Prune",
     "Skip",
 ]
