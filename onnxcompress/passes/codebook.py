@@ -44,7 +44,7 @@ _CODEBOOK_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class Codebook(CompressionPass):
-    """Float weight W -> Reshape(GatherND(codebook, unpacked bit-packed indices)): weight sharing."""
+    """Float weight W -> Reshape(GatherND(codebook, bit-packed indices)): k-means weight sharing."""
 
     name = "codebook"
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Lloyd iterations at most; 1-D k-means on sorted values converges well before this.
-MAX_ITER = 60
+#: Lloyd iterations at most; each costs O(k log n) on sorted values, so this is cheap.
+MAX_ITER = 300
 #: k-means++ seeding looks at this many values at most (seeding is O(n·k)).
 SEED_SAMPLE = 20_000
 #: TWN's threshold: weights within 0.7·mean|W| of zero become zero.
