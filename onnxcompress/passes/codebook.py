@@ -39,6 +39,7 @@ DECODE_OPSET = 13
 SCHEMES = ("scalar", "pq", "binary", "ternary")
 FIXED_BITS = {"binary": 1, "ternary": 2}
 DEFAULT_BITS = {"scalar": 4, "pq": 8}
+MIN_SIZE = 1024  # default: smaller weights are left alone (biases are vectors anyway)
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 _CODEBOOK_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -59,7 +60,7 @@ class Codebook(CompressionPass):
         subvector: int = 4  # pq: sub-vector length d
         init: str = "linear"  # scalar k-means seeds: linear over [min, max] or kmeans++
         codebook_dtype: str = "auto"  # auto (the weight's dtype), float16 or float32
-        min_size: int = 1024  # weights with fewer values are left alone
+        min_size: int = MIN_SIZE  # weights with fewer values are left alone
         zero_share: float = 0.05  # reserve an exact-zero centroid from this share of zeros
         data_aware: bool = False  # refine codebooks and biases on the calibration data
         ops: tuple[str, ...] = ()  # only weights read by these op types (all when empty)
@@ -99,7 +100,7 @@ class Codebook(CompressionPass):
     @classmethod
     def applies(cls, node: ir.Node) -> bool:
         return any(
-            value is not None and _is_candidate(value) and value.const_value.size >= 1024
+            value is not None and _is_candidate(value) and value.const_value.size >= MIN_SIZE
             for value in node.inputs
         )
 

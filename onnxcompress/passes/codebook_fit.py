@@ -58,7 +58,9 @@ def kmeans_1d(
     ``k - 1`` are fitted to the non-zero values, so zeros stay zero.
     """
     flat = np.asarray(values).ravel()
-    ordered = np.sort(flat)
+    # Sort in the stored precision (fast), search in float64 once: mixing dtypes in
+    # searchsorted would copy the whole array on every iteration.
+    ordered = np.sort(flat).astype(np.float64, copy=False)
     distinct = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
     if len(distinct) <= k:
         return distinct.astype(np.float64), np.searchsorted(distinct, flat).astype(np.uint8)
