@@ -276,16 +276,19 @@ class Codebook(CompressionPass):
         norm = float(np.linalg.norm(weight.astype(np.float64)))
         error = float(np.linalg.norm(weight.astype(np.float64) - approx)) / norm if norm else 0.0
         detail.update(builder.detail)
-        detail.update(weight=value.name, shape=list(weight.shape), codebooks=len(fit.codebook))
+        detail.update(
+            weight=value.name,
+            shape=list(weight.shape),
+            codebooks=len(fit.codebook),
+            codebook_entries=int(fit.codebook[:, : 1 << self.config.index_bits].size),
+        )
         return LayerReport(
             node=node_label(first),
             op_type=first.op_type,
             action="rewritten",
             detail=detail,
             params_before=weight.size,
-            params_after=int(
-                fit.codebook[:, : 1 << self.config.index_bits].size + fit.indices.size
-            ),
+            params_after=weight.size,  # as many weights as before: each is now an index
             bytes_before=weight.nbytes,
             bytes_after=builder.stored_bytes,
             weight_error=error,
