@@ -121,9 +121,11 @@ def test_packing_round_trips_for_every_bits(bits, groups, count, opset, seed):
     layout = layout_for(bits, opset)
     stored = pack(indices, bits, layout)
     np.testing.assert_array_equal(unpack(stored, bits, layout, count), indices)
-    if layout in ("fields", "planes"):  # bits per index, rows padded to whole bytes only
-        assert stored.nbytes == groups * bits * -(-count // 8) or layout == "fields"
-        assert stored.nbytes * 8 < groups * (count * bits + 8 * bits)
+    # exactly `bits` per index; each row (each plane's row) padded to whole bytes only
+    if layout == "fields":
+        assert stored.nbytes == groups * -(-count // (8 // bits))
+    elif layout == "planes":
+        assert stored.nbytes == bits * groups * -(-count // 8)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
