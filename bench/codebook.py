@@ -206,7 +206,7 @@ def cases(real: Path, quick: bool) -> list[dict]:
             "settings": [
                 f"{MNIST8_ALL},codebook_dtype=float16",
                 MNIST8_ALL,
-                f"{MNIST8_ALL},bits=2,codebook_dtype=float16",
+                f"{MNIST8_ALL.replace('bits=4', 'bits=2')},codebook_dtype=float16",
                 "codebook:scheme=binary,min_size=1,ops=Conv,MatMul",
             ],
         },
@@ -223,8 +223,8 @@ def cases(real: Path, quick: bool) -> list[dict]:
                 "codebook:bits=2,data_aware=true",
                 "codebook:scheme=binary",
                 "codebook:scheme=ternary",
-                "codebook:scheme=pq,bits=8,subvector=4",
-                "codebook:scheme=pq,bits=8,subvector=4,data_aware=true",
+                "codebook:scheme=pq,bits=6,subvector=8",
+                "codebook:scheme=pq,bits=6,subvector=8,data_aware=true",
             ],
         },
         {
@@ -262,12 +262,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=200, help="timed runs per model")
     parser.add_argument("--quick", action="store_true", help="first setting of each model only")
+    parser.add_argument("--models", default="", help="only models whose name contains this")
     args = parser.parse_args()
     print("\n".join(table(["clustering at 4 bits", "time"], clustering_speed())))
     print()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-codebook-") as folder:
         for case in cases(default_real_dir(), args.quick):
+            if args.models not in case["name"]:
+                continue
             rows += bench_model(case, args.runs, Path(folder))
     header = [
         "model",
