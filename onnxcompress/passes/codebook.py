@@ -48,6 +48,7 @@ class Codebook(CompressionPass):
     """Float weight W -> Reshape(GatherND(codebook, bit-packed indices)): k-means weight sharing."""
 
     name = "codebook"
+    _seed = 0  # set from the context at each run
 
     @dataclass(frozen=True)
     class Config:
@@ -126,6 +127,7 @@ class Codebook(CompressionPass):
             except Skip as skip:
                 report.layers.append(_skipped(value, str(skip)))
         stats = self._stats(model, chosen, ctx, report)
+        self._seed = ctx.seed  # k-means++ and PQ seeds: the same seed gives the same bytes
         builder = _Builder(model, self.name)
         for value in chosen:
             try:
@@ -204,7 +206,7 @@ class Codebook(CompressionPass):
             return fit_binary(groups), detail
         if scheme == "ternary":
             return fit_ternary(groups), detail
-        fit = fit_scalar(groups, k, cfg.init, cfg.zero_share, np.random.default_rng(0))
+        fit = fit_scalar(groups, k, cfg.init, cfg.zero_share, np.random.default_rng(self._seed))
         gram = stats.gram if stats is not None else None
         if gram is not None and len(groups) == layout.channels and layout.fc_rows:
             fit, before, after = refine_scalar(groups, fit, gram)
@@ -228,7 +230,7 @@ class Codebook(CompressionPass):
         if channels < 2:
             raise Skip("pq needs output channels to share codewords (no channel axis)")
         vectors = rows.reshape(channels, length // dim, dim).transpose(1, 0, 2)
-        fit = fit_product(vectors, 1 << self.config.index_bits, seed=0)
+        fit = fit_product(vectors, 1 << self.config.index_bits, seed=self._seed)
         detail.update(granularity="subspace", subvector=dim, subspaces=length // dim)
         gram = stats.gram if stats is not None else None
         if gram is not None and layout.fc_rows:
