@@ -13,6 +13,10 @@ import numpy as np
 
 #: Lloyd iterations at most; each costs O(k log n) on sorted values, so this is cheap.
 MAX_ITER = 300
+#: Stop when the centroids move less than this share of the values' variance (Σ shift²):
+#: scikit-learn's criterion, 100x tighter. 1-D Lloyd creeps in the tails for hundreds of
+#: iterations while the error no longer changes.
+TOLERANCE = 1e-6
 #: k-means++ seeding looks at this many values at most (seeding is O(n·k)).
 SEED_SAMPLE = 20_000
 #: TWN's threshold: weights within 0.7·mean|W| of zero become zero.
@@ -88,6 +92,7 @@ def _lloyd_sorted(ordered: np.ndarray, k: int, init: str, rng: np.random.Generat
     time it takes to sort it.
     """
     prefix = np.concatenate(([0.0], np.cumsum(ordered, dtype=np.float64)))
+    tolerance = TOLERANCE * float(ordered.var())
     centroids = _initial_centroids(ordered, k, init, rng)
     cuts = None
     for _ in range(MAX_ITER):
@@ -101,9 +106,11 @@ def _lloyd_sorted(ordered: np.ndarray, k: int, init: str, rng: np.random.Generat
         counts = ends - starts
         sums = prefix[ends] - prefix[starts]
         filled = counts > 0
-        centroids = centroids.copy()
+        previous, centroids = centroids, centroids.copy()
         centroids[filled] = sums[filled] / counts[filled]
         centroids.sort()
+        if np.square(centroids - previous).sum() <= tolerance:
+            break
     return centroids
 
 

@@ -312,14 +312,20 @@ def test_data_aware_corrects_the_bias_and_lowers_output_error():
     assert np.abs(mean_shift).max() < 1e-3 * np.abs(want).max() + 1e-4
 
 
-def test_kmeans_1d_fast_path_matches_lloyd_fixed_point():
+def test_kmeans_1d_fast_path_matches_lloyd_and_scikit_learn():
+    from sklearn.cluster import KMeans
+
     values = np.random.default_rng(14).standard_normal(20_000)
     centroids, labels = kmeans_1d(values, 16, "linear", 0.05, np.random.default_rng(0))
     assert np.all(np.diff(centroids) > 0)
-    for c in range(16):  # a Lloyd fixed point: each centroid is the mean of its members
-        assert centroids[c] == pytest.approx(values[labels == c].mean(), rel=1e-9, abs=1e-12)
+    for c in range(16):  # converged: each centroid is (nearly) the mean of its members
+        assert centroids[c] == pytest.approx(values[labels == c].mean(), abs=5e-3)
     boundaries = (centroids[:-1] + centroids[1:]) / 2  # ...and each value's nearest
     np.testing.assert_array_equal(labels, np.searchsorted(boundaries, values, side="right"))
+    seeds = np.linspace(values.min(), values.max(), 16)[:, None]
+    reference = KMeans(16, init=seeds, n_init=1).fit(values[:, None])
+    inertia = np.square(values - centroids[labels]).sum()
+    assert inertia <= 1.01 * reference.inertia_
 
 
 def test_fit_decode_uses_codebook_rows():
