@@ -94,6 +94,8 @@ def parse_option(text: str) -> Step:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise RecipeError(f"bad pass option {text!r}: {item!r} is not key=value")
+        if key.strip() in options:
+            raise RecipeError(f"bad pass option {text!r}: {key.strip()!r} is given twice")
         options[key.strip()] = value.strip()
     return Step(name, options)
 

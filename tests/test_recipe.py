@@ -45,6 +45,8 @@ def test_bad_recipe_files(tmp_path, text, message):
 def test_bad_option_syntax():
     with pytest.raises(RecipeError, match="is not key=value"):
         Recipe.from_options(["lowrank:energy"])
+    with pytest.raises(RecipeError, match="'rank' is given twice"):
+        Recipe.from_options(["lowrank:rank=4,energy=0.5,rank=2"])
     with pytest.raises(RecipeError, match="expected name:key=value"):
         Recipe.from_options([":energy=1"])
     with pytest.raises(RecipeError, match="cannot read recipe"):
