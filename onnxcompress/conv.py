@@ -59,9 +59,12 @@ class ConvGeometry:
         )
 
 
-def im2col(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+def im2col(x: np.ndarray, geometry: ConvGeometry, rows: np.ndarray | None = None) -> np.ndarray:
     """Patches of ``x`` [N, C, *spatial] as rows [N·positions, C·prod(kernel)], in the order
-    ``weight.reshape(O, -1)`` uses, so ``im2col(x) @ weight.reshape(O, -1).T`` is the conv."""
+    ``weight.reshape(O, -1)`` uses, so ``im2col(x) @ weight.reshape(O, -1).T`` is the conv.
+
+    ``rows`` (flat indices over N·positions) picks a sample of patches without building the
+    others: on large feature maps the full patch matrix would dwarf the activation."""
     rank = x.ndim - 2
     spatial = tuple(x.shape[2:])
     pads = geometry.resolved_pads(spatial)
@@ -76,9 +79,21 @@ def im2col(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
     windows = windows[(slice(None), slice(None), *(slice(0, o) for o in out))]
     # -> [N, *positions, C, *kernel]
     order = (0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank))
-    return windows.transpose(order).reshape(-1, x.shape[1] * math.prod(geometry.kernel))
+    patches = windows.transpose(order)
+    width = x.shape[1] * math.prod(geometry.kernel)
+    if rows is None:
+        return patches.reshape(-1, width)
+    return patches[np.unravel_index(rows, patches.shape[: 1 + rank])].reshape(len(rows), width)
 
 
-def channels_last(y: np.ndarray) -> np.ndarray:
+def channels_last(y: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """A conv output [N, O, *spatial] as rows [N·positions, O] matching ``im2col`` rows."""
-    return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    moved = np.moveaxis(y, 1, -1)
+    if rows is None:
+        return moved.reshape(-1, y.shape[1])
+    return moved[np.unravel_index(rows, moved.shape[:-1])]
+
+
+def sample_rows(count: int, limit: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted indices of at most ``limit`` of ``count`` rows (None: keep them all)."""
+    return None if count <= limit else np.sort(rng.choice(count, limit, replace=False))

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-from numpy.lib.stride_tricks import sliding_window_view
 
 from onnxcompress.calibration import Feed
+from onnxcompress.conv import ConvGeometry, channels_last, im2col, sample_rows
 from onnxcompress.graph import Namer, add_weight, node_label
 from onnxcompress.validate import Runner
 
@@ -84,12 +84,10 @@ def refit(
 def _check(node: ir.Node) -> None:
     if node.op_type == "Conv":
         weight = node.inputs[1].const_value
-        if weight is None or len(weight.shape) != 4:
-            raise NotRefittable("only 2-D convolutions are refitted")
+        if weight is None or len(weight.shape) < 3:
+            raise NotRefittable("conv weight is not a constant")
         if node.attributes.get_int("group", 1) != 1:
             raise NotRefittable("grouped convolution")
-        if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            raise NotRefittable("auto_pad SAME_* is not refitted")
     elif node.op_type in ("Gemm", "MatMul"):
         if node.inputs[1].const_value is None or len(node.inputs[1].const_value.shape) != 2:
             raise NotRefittable("weight is not a 2-D constant")
@@ -146,22 +144,13 @@ def _accumulate(target: Target, x: np.ndarray, y: np.ndarray, max_rows: int, rng
 
 
 def _conv_rows(node: ir.Node, x: np.ndarray, y: np.ndarray, max_rows: int, rng):
-    """im2col rows ``[r, C·kh·kw]`` at sampled output positions, and the teacher's ``[r, O]``."""
-    kh, kw = node.inputs[1].const_value.shape[2:]
-    attrs = node.attributes
-    pads = list(attrs.get_ints("pads", [0, 0, 0, 0]))
-    strides = list(attrs.get_ints("strides", [1, 1]))
-    dilations = list(attrs.get_ints("dilations", [1, 1]))
-    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    span = (dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1)
-    windows = sliding_window_view(padded, span, axis=(2, 3))
-    windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
-    n, _, out_h, out_w = y.shape
-    windows = windows[:, :, :out_h, :out_w]
-    picks = _sample(n * out_h * out_w, max_rows, rng)
-    b, i, j = np.unravel_index(picks, (n, out_h, out_w))
-    rows = windows[b, :, i, j].reshape(len(picks), -1)  # [r, C, kh, kw] flattened
-    return rows, y[b, :, i, j]
+    """im2col rows ``[r, C·prod(k)]`` at sampled output positions, and the teacher's ``[r, O]``."""
+    geometry = ConvGeometry.of(node, tuple(node.inputs[1].const_value.shape[2:]))
+    positions = y.size // y.shape[1]
+    picks = sample_rows(positions, max_rows, rng)
+    if picks is None:
+        picks = np.arange(positions)
+    return im2col(x, geometry, picks), channels_last(y, picks)
 
 
 def _dense_rows(node: ir.Node, x: np.ndarray, y: np.ndarray, max_rows: int, rng):
@@ -174,7 +163,8 @@ def _dense_rows(node: ir.Node, x: np.ndarray, y: np.ndarray, max_rows: int, rng)
 
 
 def _sample(count: int, limit: int, rng: np.random.Generator) -> np.ndarray:
-    return np.arange(count) if count <= limit else np.sort(rng.choice(count, limit, replace=False))
+    picks = sample_rows(count, limit, rng)
+    return np.arange(count) if picks is None else picks
 
 
 def _has_intercept(node: ir.Node) -> bool:

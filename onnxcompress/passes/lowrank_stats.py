@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.calibration import Feed
-from onnxcompress.conv import channels_last, im2col
+from onnxcompress.conv import channels_last, im2col, sample_rows
 from onnxcompress.passes.factorize import LayerStats
 from onnxcompress.validate import Runner
 
@@ -54,17 +54,16 @@ class StatsCollector:
         return stats
 
     def _rows(self, layer: Layer, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Matching input and output rows; a seeded sample keeps the cost per batch bounded."""
         if layer.geometry is not None:
-            x_rows, y_rows = im2col(x, layer.geometry), channels_last(y)
-        else:
-            if layer.kind == "Gemm" and layer.node.attributes.get_int("transA", 0):
-                x = x.T
-            x_rows = x.reshape(-1, layer.matrix.shape[1])
-            y_rows = y.reshape(-1, layer.matrix.shape[0])
-        if len(x_rows) > self.max_rows:  # a seeded sample keeps the cost per batch bounded
-            keep = self.rng.choice(len(x_rows), self.max_rows, replace=False)
-            x_rows, y_rows = x_rows[keep], y_rows[keep]
-        return x_rows, y_rows
+            keep = sample_rows(y.size // y.shape[1], self.max_rows, self.rng)
+            return im2col(x, layer.geometry, keep), channels_last(y, keep)
+        if layer.kind == "Gemm" and layer.node.attributes.get_int("transA", 0):
+            x = x.T
+        x_rows = x.reshape(-1, layer.matrix.shape[1])
+        y_rows = y.reshape(-1, layer.matrix.shape[0])
+        keep = sample_rows(len(x_rows), self.max_rows, self.rng)
+        return (x_rows, y_rows) if keep is None else (x_rows[keep], y_rows[keep])
 
     def close(self) -> None:
         self.teacher.close()
