@@ -180,8 +180,8 @@ class Qdq(CompressionPass):
             )
             for name in tensors
         }
-        _absorb_clamping(model, ranges)
-        for group in shared_scale_groups(planned, set(ranges)):
+        ties = _absorb_clamping(model, ranges)
+        for group in shared_scale_groups(planned, set(ranges), ties):
             lo = min(ranges[name][0] for name in group)
             hi = max(ranges[name][1] for name in group)
             for name in group:
@@ -376,10 +376,13 @@ def _zero_inclusive(bounds: tuple[float, float]) -> tuple[float, float]:
     return min(lo, 0.0), max(hi, 0.0)
 
 
-def _absorb_clamping(model: ir.Model, ranges: dict[str, tuple[float, float]]) -> None:
+def _absorb_clamping(
+    model: ir.Model, ranges: dict[str, tuple[float, float]]
+) -> list[tuple[str, str]]:
     """A tensor read only by a Relu/Clip(0, ·) whose output is quantized takes that output's
     range: quantizing to it clamps exactly as the activation does, so onnxruntime can drop
-    the activation and fuse it into the producer's quantized kernel."""
+    the activation and fuse it into the producer's quantized kernel. Returns the tied pairs."""
+    ties = []
     for node in model.graph:
         if node.op_type not in CLAMPING or not node.inputs or node.inputs[0] is None:
             continue
@@ -389,6 +392,8 @@ def _absorb_clamping(model: ir.Model, ranges: dict[str, tuple[float, float]]) ->
         if source.is_graph_output() or not _clamps_at_zero(node):
             continue
         ranges[source.name] = ranges[result.name]
+        ties.append((source.name, result.name))
+    return ties
 
 
 def _clamps_at_zero(node: ir.Node) -> bool:
@@ -400,8 +405,11 @@ def _clamps_at_zero(node: ir.Node) -> bool:
     return node.attributes.get_float("min", -np.inf) == 0.0
 
 
-def shared_scale_groups(planned: Iterable[ir.Node], names: set[str]) -> list[set[str]]:
-    """Sets of quantized tensors that must share one scale (Concat, pure data moves)."""
+def shared_scale_groups(
+    planned: Iterable[ir.Node], names: set[str], ties: Iterable[tuple[str, str]] = ()
+) -> list[set[str]]:
+    """Sets of quantized tensors that must share one scale (Concat, pure data moves, and the
+    given ``ties``)."""
     parent: dict[str, str] = {}
 
     def root(name: str) -> str:
@@ -416,6 +424,8 @@ def shared_scale_groups(planned: Iterable[ir.Node], names: set[str]) -> list[set
         tied = [v.name for v in [*inputs, node.outputs[0]] if v is not None and v.name in names]
         for other in tied[1:]:
             parent[root(other)] = root(tied[0])
+    for first, second in ties:
+        parent[root(second)] = root(first)
     groups: dict[str, set[str]] = {}
     for name in parent:
         groups.setdefault(root(name), set()).add(name)
