@@ -32,8 +32,9 @@ class TensorStats:
     hi: float = -np.inf
     channel_sum: np.ndarray | None = None  # per-channel sums (for bias correction)
     channel_count: int = 0
-    hist: np.ndarray | None = None  # counts over [-edge, edge]
+    hist: np.ndarray | None = None  # counts over [-edge, edge], exact zeros left out
     edge: float = 0.0
+    zeros: int = 0  # exact zeros (ReLU outputs): representable exactly, so never clipped
 
     @property
     def channel_mean(self) -> np.ndarray | None:
@@ -57,7 +58,10 @@ class TensorStats:
             self.edge = max(abs(self.lo), abs(self.hi), 1e-12)
             self.hist = np.zeros(BINS, np.int64)
         counts, _ = np.histogram(array, bins=BINS, range=(-self.edge, self.edge))
+        zeros = int(array.size - np.count_nonzero(array))
+        counts[BINS // 2] -= zeros  # 0.0 falls in the first bin of the positive half
         self.hist += counts
+        self.zeros += zeros
 
 
 def collect(
@@ -135,7 +139,9 @@ def _centers(stats: TensorStats) -> np.ndarray:
 def _percentile_range(stats: TensorStats, percentile: float) -> tuple[float, float]:
     """Cut the share (100 - percentile)% of values off each side that has values."""
     assert stats.hist is not None
-    cumulative = np.cumsum(stats.hist) / stats.hist.sum()
+    counts = stats.hist.copy()
+    counts[BINS // 2] += stats.zeros
+    cumulative = np.cumsum(counts) / counts.sum()
     tail = (100.0 - percentile) / 100.0
     edges = np.linspace(-stats.edge, stats.edge, BINS + 1)
     hi = edges[min(int(np.searchsorted(cumulative, 1 - tail)) + 1, BINS)]
@@ -147,6 +153,7 @@ def _mse_range(stats: TensorStats, levels: int, symmetric: bool) -> tuple[float,
     """Shrink the min/max range by the factor that minimizes the histogram's squared error."""
     assert stats.hist is not None
     centers, counts = _centers(stats), stats.hist.astype(np.float64)
+    counts[BINS // 2] += stats.zeros
     used = counts > 0
     centers, counts = centers[used], counts[used]
     best, best_error = (stats.lo, stats.hi), np.inf
@@ -178,7 +185,9 @@ def _entropy_range(stats: TensorStats, levels: int, symmetric: bool) -> tuple[fl
     """The threshold whose quantized histogram keeps the least KL divergence (TensorRT style).
 
     Works on magnitudes: a one-sided tensor (e.g. after ReLU) under an asymmetric type can use
-    every level on its side; otherwise a side gets half of them.
+    every level on its side; otherwise a side gets half of them. Exact zeros are left out of
+    the histogram: the zero point represents them exactly, and their spike would otherwise
+    pull the threshold far down.
     """
     assert stats.hist is not None
     half = BINS // 2

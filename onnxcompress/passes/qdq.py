@@ -335,11 +335,16 @@ def _activation_inputs(node: ir.Node) -> list[ir.Value]:
 
 
 def activation_tensors(planned: Iterable[ir.Node]) -> set[str]:
-    """Names of the float activations to quantize: inputs and first output of each node."""
+    """Names of the float activations to quantize: inputs and first output of each node.
+
+    Graph outputs stay float: their names and precision are the model's contract, and
+    onnxruntime has float-output forms of its quantized kernels for them."""
     names = set()
     for node in planned:
         for value in [*_activation_inputs(node), node.outputs[0]]:
-            if value.name and not _feeds_quantize(value) and not _from_dequantize(value):
+            if not value.name or value.is_graph_output():
+                continue
+            if not _feeds_quantize(value) and not _from_dequantize(value):
                 names.add(value.name)
     return names
 
@@ -572,6 +577,8 @@ def _quantize_bias(graph, node, bias, scales: np.ndarray, namer, pass_name) -> i
     scales = np.broadcast_to(np.asarray(scales, np.float32), array.shape).copy()
     scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
     q = np.clip(np.round(array / scales), _INT32.min, _INT32.max).astype(np.int32)
+    if node.op_type == "Gemm":  # onnxruntime's QGemm fusion reads beta as an explicit attribute
+        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     zeros = np.zeros(array.shape, np.int32)
     dq = _constant_dq(graph, bias, q, scales, zeros, 0, namer, pass_name)
     node.replace_input_with(2, dq)
