@@ -188,7 +188,9 @@ def compress(
 ) -> None:
     """Compress MODEL with the given passes and print the report."""
     target = _output_path(model, output, in_place)
-    options = Options(parse_dims(dims), not no_validate, samples, batch_size, seed=seed)
+    options = Options(
+        parse_dims(dims), not no_validate, samples, batch_size, seed=seed, progress=_progress()
+    )
     gates = _gates(max_rel_error, min_agreement, gate_outputs)
     if gates and no_validate:
         raise click.UsageError("gates need validation; drop --no-validate")
@@ -419,3 +421,18 @@ def _batch_one(model: Path, target: Path, job: dict[str, Any]) -> dict[str, Any]
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _progress():
+    """A one-line progress bar on stderr (passes report long steps such as calibration),
+    only when stderr is a terminal, so logs and pipes stay clean."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(line: str) -> None:
+        click.echo(f"\r{line}", nl=False, err=True)
+        done, _, total = line.rpartition(" ")[2].partition("/")
+        if done == total:  # the step finished: end the line
+            click.echo("", err=True)
+
+    return show

@@ -150,19 +150,28 @@ def _percentile_range(stats: TensorStats, percentile: float) -> tuple[float, flo
 
 
 def _mse_range(stats: TensorStats, levels: int, symmetric: bool) -> tuple[float, float]:
-    """Shrink the min/max range by the factor that minimizes the histogram's squared error."""
+    """Shrink each end of the min/max range (in turn, twice) to the point that minimizes the
+    histogram's squared quantization error; symmetric ranges shrink both ends together."""
     assert stats.hist is not None
     centers, counts = _centers(stats), stats.hist.astype(np.float64)
     counts[BINS // 2] += stats.zeros
     used = counts > 0
     centers, counts = centers[used], counts[used]
-    best, best_error = (stats.lo, stats.hi), np.inf
-    for factor in np.linspace(0.1, 1.0, 91):
-        lo, hi = _zero_inclusive(stats.lo * factor, stats.hi * factor, symmetric)
-        error = float(counts @ np.square(centers - fake_quantize(centers, lo, hi, levels)))
-        if error < best_error:
-            best, best_error = (lo, hi), error
-    return best
+
+    def error(lo: float, hi: float) -> float:
+        lo, hi = _zero_inclusive(lo, hi, symmetric)
+        return float(counts @ np.square(centers - fake_quantize(centers, lo, hi, levels)))
+
+    factors = np.linspace(0.05, 1.0, 96)
+    lo, hi = stats.lo, stats.hi
+    for _ in range(1 if symmetric else 2):
+        if symmetric:
+            best = min(factors, key=lambda f: error(stats.lo * f, stats.hi * f))
+            lo, hi = stats.lo * best, stats.hi * best
+            continue
+        hi = stats.hi * min(factors, key=lambda f: error(lo, stats.hi * f))
+        lo = stats.lo * min(factors, key=lambda f: error(stats.lo * f, hi))
+    return _zero_inclusive(lo, hi, symmetric)
 
 
 def _zero_inclusive(lo: float, hi: float, symmetric: bool) -> tuple[float, float]:
