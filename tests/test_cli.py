@@ -276,7 +276,7 @@ def test_inspect_and_passes_commands(good):
     result = invoke("inspect", good, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["params"] == 64 * 64 and data["layers"][0]["passes"] == ["lowrank"]
+    assert data["params"] == 64 * 64 and "lowrank" in data["layers"][0]["passes"]
     assert data["macs"] == 3 * 64 * 64
     result = invoke("passes")
     assert "lowrank:" in result.stdout and "min_saving = 0.1" in result.stdout
