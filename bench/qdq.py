@@ -126,12 +126,17 @@ def ort_quantize(name: str, method: str, calibration: list[dict], output: str) -
 
 
 def run_child(tool: str, name: str, method: str, samples: int, output: Path) -> dict | None:
-    command = [sys.executable, __file__, "--child", tool, name, method, str(samples), str(output)]
+    # /usr/bin/time reports the child's own peak: ru_maxrss read inside the child would carry
+    # this (larger) parent's high-water mark across fork and exec on Linux.
+    command = ["/usr/bin/time", "-f", "peak_kb=%M", sys.executable, __file__, "--child"]
+    command += [tool, name, method, str(samples), str(output)]
     done = subprocess.run(command, capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines() or ["?"]
     if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
-        return {"error": tail[:80]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return {"error": (lines[-2] if len(lines) > 1 else lines[-1])[:80]}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["peak_mb"] = int(lines[-1].removeprefix("peak_kb=")) / 1024
+    return result
 
 
 # -- side-by-side measurement --------------------------------------------------------------
