@@ -191,27 +191,38 @@ def fake_quantize(values: np.ndarray, lo: float, hi: float, levels: int) -> np.n
 
 
 def _entropy_range(stats: TensorStats, levels: int, symmetric: bool) -> tuple[float, float]:
-    """The threshold whose quantized histogram keeps the least KL divergence (TensorRT style).
+    """Thresholds whose quantized histogram keeps the least KL divergence (TensorRT style).
 
-    Works on magnitudes: a one-sided tensor (e.g. after ReLU) under an asymmetric type can use
-    every level on its side; otherwise a side gets half of them. Exact zeros are left out of
-    the histogram: the zero point represents them exactly, and their spike would otherwise
-    pull the threshold far down.
+    A symmetric type folds both sides into magnitudes and searches one threshold with half
+    the levels. An asymmetric type searches each side on its own, with the share of levels
+    that side holds in the min/max range. Exact zeros are left out of the histogram: the zero
+    point represents them exactly, and their spike would otherwise pull thresholds far down.
     """
     assert stats.hist is not None
     half = BINS // 2
-    magnitudes = stats.hist[half:][:half].astype(np.float64)
-    magnitudes[:half] += stats.hist[:half][::-1]
-    one_sided = stats.lo >= 0 and not symmetric
-    target = levels if one_sided else (levels + 1) // 2
-    target = min(target, half)
-    best_bins, best_kl = half, np.inf
-    for bins in range(target, half + 1, max(1, (half - target) // 128)):
+    positive = stats.hist[half:].astype(np.float64)
+    negative = stats.hist[:half][::-1].astype(np.float64)
+    if symmetric:
+        threshold = _kl_threshold(positive + negative, (levels + 1) // 2, stats.edge)
+        return -threshold, threshold
+    lo, hi = min(stats.lo, 0.0), max(stats.hi, 0.0)
+    share = hi / (hi - lo) if hi > lo else 1.0
+    upper = _kl_threshold(positive, round(levels * share), stats.edge) if hi > 0 else 0.0
+    lower = _kl_threshold(negative, levels - round(levels * share), stats.edge) if lo < 0 else 0.0
+    return -lower, upper
+
+
+def _kl_threshold(magnitudes: np.ndarray, target: int, edge: float) -> float:
+    """The magnitude at which to clip one side, searched over the bins that hold values."""
+    used = int(np.flatnonzero(magnitudes)[-1]) + 1 if magnitudes.any() else 0
+    if target < 8 or used <= target:
+        return edge * used / len(magnitudes)  # too few levels or bins to gain from clipping
+    best_bins, best_kl = used, np.inf
+    for bins in range(target, used + 1, max(1, (used - target) // 128)):
         kl = _kl_after_quantizing(magnitudes, bins, target)
         if kl < best_kl:
             best_bins, best_kl = bins, kl
-    threshold = stats.edge * best_bins / half
-    return -threshold, threshold
+    return edge * best_bins / len(magnitudes)
 
 
 def _kl_after_quantizing(magnitudes: np.ndarray, bins: int, target: int) -> float:

@@ -229,7 +229,8 @@ class Qdq(CompressionPass):
                 graph, node, array, restored, input_stats, namer
             )
             bias = _bias_value(node)
-        dq_weight = _constant_dq(graph, weight, quantized, scales, None, axis, namer, self.name)
+        zeros = np.zeros(scales.shape, np.int8)  # explicit: QGemm fusion needs B's zero point
+        dq_weight = _constant_dq(graph, weight, quantized, scales, zeros, axis, namer, self.name)
         node.replace_input_with(1, dq_weight)
         bias_bytes = 0
         if bias is not None and _int32_bias_ok(node, bias, axis, scales):
@@ -577,8 +578,7 @@ def _quantize_bias(graph, node, bias, scales: np.ndarray, namer, pass_name) -> i
     scales = np.broadcast_to(np.asarray(scales, np.float32), array.shape).copy()
     scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
     q = np.clip(np.round(array / scales), _INT32.min, _INT32.max).astype(np.int32)
-    if node.op_type == "Gemm":  # onnxruntime's QGemm fusion reads beta as an explicit attribute
-        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+
     zeros = np.zeros(array.shape, np.int32)
     dq = _constant_dq(graph, bias, q, scales, zeros, 0, namer, pass_name)
     node.replace_input_with(2, dq)

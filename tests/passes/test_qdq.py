@@ -134,6 +134,7 @@ def test_relu_is_absorbed_and_onnxruntime_fuses_quantized_kernels(tmp_path):
     assert int(before.inputs[2].const_value.numpy()) == 0  # zero point at the bottom: clamps
     ops = optimized_ops(model, tmp_path)
     assert ops.count("QLinearConv") == 2
+    assert "QGemm" in ops
     assert "Relu" not in ops
     assert "QLinearGlobalAveragePool" in ops
 
