@@ -435,36 +435,3 @@ def test_int4_on_ppocrv4_rec_runs(real):
     assert report.passes[0].totals()["layers_rewritten"] >= 9
     assert report.validation.outputs[0].rel_l2 < 0.5
     assert quantized.metadata_props.get("character")
-
-
-def test_calibration_streams_running_statistics():
-    from onnxcompress.ranges import collect
-
-    model = ir.from_proto(conv_model())
-    data = feeds(5)
-    lines = []
-    stats = collect(
-        model, ["x", "r1"], data, histograms=True, channel_axes={"x": 1}, progress=lines.append
-    )
-    everything = np.concatenate([f["x"] for f in data])
-    assert stats["x"].lo == everything.min() and stats["x"].hi == everything.max()
-    np.testing.assert_allclose(stats["x"].channel_mean, everything.mean((0, 2, 3)), atol=1e-6)
-    assert stats["x"].hist.sum() + stats["x"].zeros == everything.size
-    assert stats["r1"].zeros > 0  # ReLU zeros are counted apart from the histogram
-    assert lines[-1].startswith("calibration 2/2") and lines[-1].endswith("5/5")
-
-
-def test_range_methods_clip_outliers():
-    from onnxcompress.ranges import TensorStats, choose_range
-
-    values = np.random.default_rng(0).standard_normal(200_000).astype(np.float32)
-    values[:5] = 40.0  # a few outliers far out
-    stats = TensorStats()
-    stats.add_extremes(values, None)
-    stats.add_histogram(values)
-    assert choose_range(stats, "minmax", levels=255, symmetric=False) == (stats.lo, stats.hi)
-    for method in ("percentile", "entropy"):
-        lo, hi = choose_range(stats, method, levels=255, symmetric=False)
-        assert stats.lo <= lo < 0 < hi < 20, method
-    lo, hi = choose_range(stats, "mse", levels=255, symmetric=False)
-    assert stats.lo <= lo < 0 < hi <= stats.hi
