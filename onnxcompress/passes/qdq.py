@@ -232,11 +232,8 @@ class Qdq(CompressionPass):
         zeros = np.zeros(scales.shape, np.int8)  # explicit: QGemm fusion needs B's zero point
         dq_weight = _constant_dq(graph, weight, quantized, scales, zeros, axis, namer, self.name)
         node.replace_input_with(1, dq_weight)
-        bias_bytes = 0
         if bias is not None and _int32_bias_ok(node, bias, axis, scales):
-            bias_bytes = _quantize_bias(
-                graph, node, bias, input_params.scale * scales, namer, self.name
-            )
+            _quantize_bias(graph, node, bias, input_params.scale * scales, namer, self.name)
         error = float(np.linalg.norm(restored - array) / max(np.linalg.norm(array), 1e-30))
         return LayerReport(
             node=node_label(node),
@@ -246,7 +243,7 @@ class Qdq(CompressionPass):
             params_before=array.size,
             params_after=array.size,
             bytes_before=array.nbytes,
-            bytes_after=quantized.nbytes + scales.nbytes + bias_bytes // 2,
+            bytes_after=quantized.nbytes + scales.nbytes + zeros.nbytes,
             weight_error=error,
         )
 
@@ -573,7 +570,8 @@ def _int32_bias_ok(node: ir.Node, bias: ir.Value, axis: int | None, scales) -> b
     return axis is None or bias.shape[0] == np.size(scales)
 
 
-def _quantize_bias(graph, node, bias, scales: np.ndarray, namer, pass_name) -> int:
+def _quantize_bias(graph, node, bias, scales: np.ndarray, namer, pass_name) -> None:
+    """Bias as int32 with scale s_x * s_w: the integer kernels add it to their accumulator."""
     array = np.asarray(bias.const_value.numpy(), np.float64)
     scales = np.broadcast_to(np.asarray(scales, np.float32), array.shape).copy()
     scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
@@ -582,7 +580,6 @@ def _quantize_bias(graph, node, bias, scales: np.ndarray, namer, pass_name) -> i
     zeros = np.zeros(array.shape, np.int32)
     dq = _constant_dq(graph, bias, q, scales, zeros, 0, namer, pass_name)
     node.replace_input_with(2, dq)
-    return q.nbytes + scales.nbytes
 
 
 def _quantize_constant_inputs(graph, node, params, namer, pass_name) -> None:

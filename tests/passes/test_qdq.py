@@ -123,6 +123,9 @@ def test_weights_per_channel_int8_bias_int32_activations_uint8():
     assert all(n.inputs[2].const_value.dtype == ir.DataType.UINT8 for n in activation_q)
     assert all(n.metadata_props.get(PASS_TAG) == "qdq" for n in activation_q)
     assert {layer.action for layer in report.passes[0].layers} == {"rewritten"}
+    conv_layer = report.passes[0].layers[0]
+    assert conv_layer.bytes_after == 8 * 4 * 3 * 3 + 8 * 4 + 8  # int8, scales, zero points
+    assert 0 < conv_layer.weight_error < 0.01
 
 
 def test_relu_is_absorbed_and_onnxruntime_fuses_quantized_kernels(tmp_path):
