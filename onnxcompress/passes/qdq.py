@@ -786,14 +786,15 @@ class Int4(CompressionPass):
 
     @dataclass(frozen=True)
     class Config:
-        block_size: int = 32  # weights per scale along the reduction axis: 32, 64 or 128
+        block_size: int = 32  # weights per scale along the reduction axis (a power of 2, 16-256)
         symmetric: bool = True  # int4 with no zero point, else uint4 with one per block
         matmulnbits: bool = False  # com.microsoft MatMulNBits (onnxruntime) instead of DQ
         exclude: tuple[str, ...] = ()
 
         def __post_init__(self) -> None:
             check_fields(
-                self, {"block_size": (lambda v: v in (16, 32, 64, 128, 256), "32, 64 or 128")}
+                self,
+                {"block_size": (lambda v: v in (16, 32, 64, 128, 256), "16, 32, 64, 128 or 256")},
             )
 
     def required_opset(self, model: ir.Model) -> int | None:

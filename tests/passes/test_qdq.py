@@ -375,6 +375,17 @@ def test_int4_matmulnbits_matches_blocked_dequantize():
         assert nbits_error < 0.15 and abs(nbits_error - blocked_error) < 0.02
 
 
+def test_int4_gemm_blocks_run_along_the_reduction_axis():
+    model = conv_model()  # its Gemm stores W3 as [3, 8] with transB=1: blocks along axis 1
+    quantized, report = int4(model, "int4:block_size=16")
+    dq = next(n for n in quantized.graph if n.op_type == "DequantizeLinear")
+    assert dq.attributes.get_int("axis") == 1 and dq.inputs[1].const_value.shape == (3, 1)
+    gemm = report.passes[0].layers[0]
+    assert gemm.node == "/fc/Gemm" and gemm.action == "rewritten"
+    test = feeds(1)[0]
+    assert rel_error(run(model, test)[0], run(quantized, test)[0]) < 0.2
+
+
 def test_int4_skips_activation_weights():
     model = parse(
         """
