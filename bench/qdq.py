@@ -32,7 +32,12 @@ sys.path.insert(0, str(REPO))
 from fixtures.mnist import default_real_dir, mnist_split  # noqa: E402
 from fixtures.photos import cls_inputs, photo_crops, ultraface_inputs  # noqa: E402
 
-METHODS = ["minmax", "percentile", "entropy", "mse"]
+METHODS = ["minmax", "percentile", "entropy", "entropy-pure-kl", "mse"]
+#: Our settings per method; "entropy-pure-kl" is TensorRT's KL without our error guard.
+SETTINGS = {
+    "entropy": "qdq:method=entropy",
+    "entropy-pure-kl": "qdq:method=entropy,entropy_guard=false",
+}
 ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 PERCENTILE = 99.99
 
@@ -74,7 +79,7 @@ def quantize_child(tool: str, name: str, method: str, samples: int, output: str)
 
         model, _ = compress(
             str(model_path(name)),
-            [f"qdq:method={method},percentile={PERCENTILE}"],
+            [SETTINGS.get(method, f"qdq:method={method},percentile={PERCENTILE}")],
             calibration,
             options=Options(validate=False),
         )

@@ -109,12 +109,21 @@ def _tick(progress: Callable[[str], None] | None, label: str, done: int, total: 
 
 
 def choose_range(
-    stats: TensorStats, method: str, *, levels: int, symmetric: bool, percentile: float = 99.99
+    stats: TensorStats,
+    method: str,
+    *,
+    levels: int,
+    symmetric: bool,
+    percentile: float = 99.99,
+    entropy_guard: bool = True,
 ) -> tuple[float, float]:
     """The clipping range [lo, hi] of one tensor for ``method``.
 
     ``levels`` is the number of quantization steps (255 for uint8/int8); ``symmetric`` ranges
-    are centred on zero, as int8 with a zero point of 0 needs.
+    are centred on zero, as int8 with a zero point of 0 needs. With ``entropy_guard``, a KL
+    threshold is kept only when it does not raise the tensor's own squared quantization
+    error above that of min/max: KL alone happily clips heavy tails (ReLU outputs) that the
+    next layers need.
     """
     if stats.lo > stats.hi:
         return 0.0, 0.0
@@ -126,6 +135,10 @@ def choose_range(
         lo, hi = _mse_range(stats, levels, symmetric)
     elif method == "entropy":
         lo, hi = _entropy_range(stats, levels, symmetric)
+        if entropy_guard and _HistogramError(stats, levels, symmetric).worse(
+            (lo, hi), (stats.lo, stats.hi)
+        ):
+            lo, hi = stats.lo, stats.hi
     else:
         raise ValueError(f"unknown calibration method {method!r}")
     return max(lo, stats.lo), min(hi, stats.hi)
@@ -149,19 +162,30 @@ def _percentile_range(stats: TensorStats, percentile: float) -> tuple[float, flo
     return (min(lo, 0.0) if stats.lo < 0 else stats.lo), hi
 
 
+class _HistogramError:
+    """Squared quantization error of a range, summed over a tensor's histogram."""
+
+    def __init__(self, stats: TensorStats, levels: int, symmetric: bool) -> None:
+        assert stats.hist is not None
+        counts = stats.hist.astype(np.float64)
+        counts[BINS // 2] += stats.zeros
+        used = counts > 0
+        self.centers, self.counts = _centers(stats)[used], counts[used]
+        self.levels, self.symmetric = levels, symmetric
+
+    def __call__(self, lo: float, hi: float) -> float:
+        lo, hi = _zero_inclusive(lo, hi, self.symmetric)
+        restored = fake_quantize(self.centers, lo, hi, self.levels)
+        return float(self.counts @ np.square(self.centers - restored))
+
+    def worse(self, candidate: tuple[float, float], baseline: tuple[float, float]) -> bool:
+        return self(*candidate) > self(*baseline)
+
+
 def _mse_range(stats: TensorStats, levels: int, symmetric: bool) -> tuple[float, float]:
     """Shrink each end of the min/max range (in turn, twice) to the point that minimizes the
     histogram's squared quantization error; symmetric ranges shrink both ends together."""
-    assert stats.hist is not None
-    centers, counts = _centers(stats), stats.hist.astype(np.float64)
-    counts[BINS // 2] += stats.zeros
-    used = counts > 0
-    centers, counts = centers[used], counts[used]
-
-    def error(lo: float, hi: float) -> float:
-        lo, hi = _zero_inclusive(lo, hi, symmetric)
-        return float(counts @ np.square(centers - fake_quantize(centers, lo, hi, levels)))
-
+    error = _HistogramError(stats, levels, symmetric)
     factors = np.linspace(0.05, 1.0, 96)
     lo, hi = stats.lo, stats.hi
     for _ in range(1 if symmetric else 2):

@@ -81,6 +81,7 @@ class Qdq(CompressionPass):
     class Config:
         method: str = "minmax"  # minmax | percentile | entropy | mse
         percentile: float = 99.99
+        entropy_guard: bool = True  # entropy: drop KL thresholds that raise the tensor's error
         activation_type: str = "uint8"  # uint8 | int8
         activation_symmetric: bool = False
         per_channel: bool = True  # weights: one scale per output channel, else per tensor
@@ -176,6 +177,7 @@ class Qdq(CompressionPass):
                     levels=255,
                     symmetric=symmetric,
                     percentile=cfg.percentile,
+                    entropy_guard=cfg.entropy_guard,
                 )
             )
             for name in tensors
