@@ -208,7 +208,8 @@ class Qdq(CompressionPass):
                 layer = self._quantize_weighted(
                     graph, node, params[source], stats.get(source), namer
                 )
-                layer.detail["sensitivity_rel_l2"] = sensitivity.get(node_label(node))
+                if node_label(node) in sensitivity:
+                    layer.detail["sensitivity_rel_l2"] = sensitivity[node_label(node)]
             else:
                 _quantize_constant_inputs(graph, node, params, namer, self.name)
                 layer = LayerReport(node_label(node), node.op_type, "rewritten")
@@ -224,7 +225,7 @@ class Qdq(CompressionPass):
         axis = weight_axis(node) if self.config.per_channel else None
         quantized, scales = quantize_symmetric(array, axis)
         restored = dequantize(quantized, scales, axis)
-        detail: dict = {"axis": axis, "input_scale": input_params.scale}
+        detail: dict = {"axis": axis, "input_scale": float(f"{input_params.scale:.4g}")}
         bias = _bias_value(node)
         if self.config.bias_correction:
             detail["bias_correction"] = _correct_bias(
