@@ -150,13 +150,13 @@ def _centers(stats: TensorStats) -> np.ndarray:
 
 
 def _percentile_range(stats: TensorStats, percentile: float) -> tuple[float, float]:
-    """Keep ``percentile``% of the values: the rest is cut off the top of a one-sided tensor,
-    half off each end of a two-sided one."""
+    """Keep the central ``percentile``% of the values: half of the rest is cut off each end
+    (the lower cut is moot for a one-sided tensor, whose range starts at zero anyway)."""
     assert stats.hist is not None
     counts = stats.hist.copy()
     counts[BINS // 2] += stats.zeros
     cumulative = np.cumsum(counts) / counts.sum()
-    tail = (100.0 - percentile) / 100.0 / (2 if stats.lo < 0 < stats.hi else 1)
+    tail = (100.0 - percentile) / 200.0
     edges = np.linspace(-stats.edge, stats.edge, BINS + 1)
     hi = edges[min(int(np.searchsorted(cumulative, 1 - tail)) + 1, BINS)]
     lo = edges[int(np.searchsorted(cumulative, tail, side="right"))]
