@@ -56,6 +56,11 @@ DEFAULT_OP_TYPES = (
     "Resize",
     "Sigmoid",
     "LeakyRelu",
+    "Transpose",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
 )
 SUPPORTED_OP_TYPES = frozenset(DEFAULT_OP_TYPES) | SHARED_SCALE
 #: Activations a quantized producer's output range can absorb (clamping at the zero point).
