@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fixtures.mnist import default_real_dir, mnist_split  # noqa: E402
+from fixtures.photos import load_rgb, photo_paths, ultraface_feeds  # noqa: E402
 from onnxcompress import Options, compress, load  # noqa: E402
 from onnxcompress.normalize import normalize  # noqa: E402
 from onnxcompress.report import table  # noqa: E402
@@ -33,19 +33,9 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def photos(real: Path) -> list[Path]:
-    return sorted((real / "photos").glob("*.jpg"))
-
-
-def ultraface_feed(path: Path) -> dict[str, np.ndarray]:
-    """UltraFace preprocessing: RGB 320×240, (x - 127) / 128, NCHW."""
-    image = np.asarray(Image.open(path).convert("RGB").resize((320, 240)), np.float32)
-    return {"input": ((image - 127) / 128).transpose(2, 0, 1)[None]}
-
-
 def det_feed(path: Path) -> dict[str, np.ndarray]:
-    """PP-OCR detection preprocessing: BGR 320×320, ImageNet mean/std, NCHW."""
-    image = np.asarray(Image.open(path).convert("RGB").resize((320, 320)), np.float32) / 255
+    """PP-OCR detection preprocessing of a photo: BGR 320×320, ImageNet mean/std, NCHW."""
+    image = load_rgb(path, 320, 320).astype(np.float32) / 255
     image = ((image - IMAGENET_MEAN) / IMAGENET_STD)[:, :, ::-1]
     return {"x": np.ascontiguousarray(image.transpose(2, 0, 1)[None])}
 
@@ -80,13 +70,11 @@ def layer_errors(source, model, names, feeds) -> dict[str, float]:
 
 
 def data_aware_versus_plain(real: Path) -> list[str]:
-    images = photos(real)
     rows, means = [], {"false": [], "true": []}
-    for label, source, make_feed in (
-        ("ultraface", real / "ultraface_rfb320.onnx", ultraface_feed),
-        ("ppocrv4_det", real / "ppocrv4_det.onnx", det_feed),
+    for label, source, feeds in (
+        ("ultraface", real / "ultraface_rfb320.onnx", ultraface_feeds(real)),
+        ("ppocrv4_det", real / "ppocrv4_det.onnx", [det_feed(p) for p in photo_paths(real)]),
     ):
-        feeds = [make_feed(p) for p in images]
         calibration, held_out = feeds[:6], feeds[6:]
         original = load(str(source))
         normalize(original)  # Paddle keeps weights in Constant nodes: lift them first
@@ -132,7 +120,7 @@ def cnn_case():
 
 
 def ultraface_case(real: Path):
-    feeds = [ultraface_feed(p) for p in photos(real)]
+    feeds = ultraface_feeds(real)
     calibration, held = feeds[:6], feeds[6:]
 
     def fidelity(reference: Runner, candidate: Runner) -> str:

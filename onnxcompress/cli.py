@@ -202,6 +202,7 @@ def compress(
         batch_size,
         seed=seed,
         validation_data=validation_data,
+        progress=_progress(),
     )
     gates = _gates(max_rel_error, min_agreement, gate_outputs)
     if gates and no_validate:
@@ -433,3 +434,18 @@ def _batch_one(model: Path, target: Path, job: dict[str, Any]) -> dict[str, Any]
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _progress():
+    """A one-line progress bar on stderr (passes report long steps such as calibration),
+    only when stderr is a terminal, so logs and pipes stay clean."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(line: str) -> None:
+        click.echo(f"\r{line}", nl=False, err=True)
+        done, _, total = line.rpartition(" ")[2].partition("/")
+        if done == total:  # the step finished: end the line
+            click.echo("", err=True)
+
+    return show

@@ -1,0 +1,88 @@
+"""Streaming calibration statistics and the four range methods."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.ranges import TensorStats, choose_range, collect, fake_quantize
+from tests.passes.test_qdq import conv_model, feeds
+
+
+def stats_of(values: np.ndarray) -> TensorStats:
+    stats = TensorStats()
+    for chunk in np.array_split(values, 4):  # several batches, as calibration sees them
+        stats.add_extremes(chunk, None)
+    for chunk in np.array_split(values, 4):
+        stats.add_histogram(chunk)
+    return stats
+
+
+def test_calibration_streams_running_statistics():
+    model = ir.from_proto(conv_model())
+    data = feeds(5)
+    lines = []
+    stats = collect(
+        model, ["x", "r1"], data, histograms=True, channel_axes={"x": 1}, progress=lines.append
+    )
+    everything = np.concatenate([f["x"] for f in data])
+    assert stats["x"].lo == everything.min() and stats["x"].hi == everything.max()
+    np.testing.assert_allclose(stats["x"].channel_mean, everything.mean((0, 2, 3)), atol=1e-6)
+    assert stats["x"].hist.sum() + stats["x"].zeros == everything.size
+    assert stats["r1"].zeros > 0  # ReLU zeros are counted apart from the histogram
+    assert lines[-1].startswith("calibration 2/2") and lines[-1].endswith("5/5")
+
+
+def test_range_methods_clip_outliers():
+    values = np.random.default_rng(0).standard_normal(200_000).astype(np.float32)
+    values[:5] = 40.0  # a few outliers far out
+    stats = stats_of(values)
+    assert choose_range(stats, "minmax", levels=255, symmetric=False) == (stats.lo, stats.hi)
+    for method in ("percentile", "entropy"):
+        lo, hi = choose_range(stats, method, levels=255, symmetric=False, entropy_guard=False)
+        assert stats.lo <= lo < 0 < hi < 20, method
+    # five far outliers weigh more in the squared error than rounding 200,000 values: mse,
+    # and entropy guarded by it, keep them
+    for method in ("mse", "entropy"):
+        lo, hi = choose_range(stats, method, levels=255, symmetric=False)
+        assert stats.lo <= lo < 0 < hi <= stats.hi
+
+
+def test_one_sided_tensor_keeps_its_zero_and_uses_every_level():
+    values = np.maximum(np.random.default_rng(1).exponential(1.0, 100_000), 0).astype(np.float32)
+    values[::2] = 0.0  # half exact zeros, as after a ReLU
+    stats = stats_of(values)
+    assert stats.zeros == 50_000
+    for method in ("percentile", "entropy", "mse"):
+        lo, hi = choose_range(stats, method, levels=255, symmetric=False)
+        assert lo == 0.0 and 2.0 < hi <= stats.hi, (method, hi)
+
+
+def test_symmetric_ranges_stay_inside_the_seen_values():
+    values = np.random.default_rng(2).standard_normal(50_000).astype(np.float32) + 0.5
+    stats = stats_of(values)
+    for method in ("percentile", "entropy", "mse"):
+        lo, hi = choose_range(stats, method, levels=255, symmetric=True)
+        assert stats.lo <= lo < 0 < hi <= stats.hi, method
+
+
+def test_fake_quantize_is_exact_on_the_grid_and_clamps_outside():
+    grid = (np.arange(256) - 40) * 0.02  # [-0.8, 4.3]: zero is a level
+    np.testing.assert_allclose(fake_quantize(grid, -0.8, 4.3, 255), grid, atol=1e-9)
+    np.testing.assert_allclose(fake_quantize(np.array([-5.0, 9.0]), -0.8, 4.3, 255), [-0.8, 4.3])
+
+
+def test_no_values_gives_an_empty_range():
+    assert choose_range(TensorStats(), "entropy", levels=255, symmetric=False) == (0.0, 0.0)
+
+
+def test_entropy_guard_never_raises_the_histogram_error_above_min_max():
+    from onnxcompress.ranges import _HistogramError
+
+    values = np.random.default_rng(3).exponential(1.0, 200_000).astype(np.float32)
+    stats = stats_of(values)
+    error = _HistogramError(stats, 255, False)
+    pure = choose_range(stats, "entropy", levels=255, symmetric=False, entropy_guard=False)
+    guarded = choose_range(stats, "entropy", levels=255, symmetric=False)
+    assert pure[1] < stats.hi  # KL clips the exponential tail
+    assert error(*guarded) <= error(stats.lo, stats.hi)
