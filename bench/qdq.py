@@ -153,10 +153,11 @@ def run_child(tool: str, name: str, method: str, samples: int, output: Path) -> 
 def fidelity(reference, candidate, feeds, labels) -> str:
     from onnxcompress.validate import compare
 
-    if labels is not None:
-        predictions = np.concatenate([candidate.run(f)[0].argmax(-1) for f in feeds])
-        return f"acc {np.mean(predictions == labels):.4f}"
     outputs = compare(reference, candidate, feeds, latency_runs=0).outputs
+    if labels is not None:  # accuracy on the labels, and agreement with the float model
+        predictions = np.concatenate([candidate.run(f)[0].argmax(-1) for f in feeds])
+        versus_float = f"relL2 {outputs[0].rel_l2:.4f} top1 {outputs[0].top1_agreement:.4f}"
+        return f"acc {np.mean(predictions == labels):.4f}, {versus_float}"
     worst = max(o.rel_l2 for o in outputs)
     agreement = min(
         (o.top1_agreement for o in outputs if o.top1_agreement is not None), default=None
