@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from onnxcompress.calibration import Feed, synthetic_feeds
 from onnxcompress.errors import BadData
-from onnxcompress.graph import Namer, default_opset, node_label, tag
+from onnxcompress.graph import Namer, add_weight, default_opset, node_label, tag
 from onnxcompress.passes.base import (
     CompressionPass,
     LayerReport,
@@ -460,22 +460,10 @@ def activation_qparams(lo: float, hi: float, dtype: ir.DataType, symmetric: bool
 # -- rewriting helpers -------------------------------------------------------------------
 
 
-def _scalar(graph, namer, base: str, array: np.ndarray) -> ir.Value:
-    name = namer.fresh(base)
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.Tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
-
-
 def _qparam_values(graph, namer, base: str, qparams: QParams) -> tuple[ir.Value, ir.Value]:
-    scale = _scalar(graph, namer, f"{base}_scale", np.array(qparams.scale, np.float32))
+    scale = add_weight(graph, namer, f"{base}_scale", np.array(qparams.scale, np.float32))
     zero_dtype = np.uint8 if qparams.dtype == ir.DataType.UINT8 else np.int8
-    zero = _scalar(graph, namer, f"{base}_zero_point", np.array(qparams.zero_point, zero_dtype))
+    zero = add_weight(graph, namer, f"{base}_zero_point", np.array(qparams.zero_point, zero_dtype))
     return scale, zero
 
 
@@ -542,11 +530,11 @@ def dequantize(q: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarra
 def _constant_dq(graph, weight, values, scales, zeros, axis, namer, pass_name, block=None):
     """An initializer of quantized ``values`` read through a DequantizeLinear."""
     base = weight.name
-    data = _scalar(graph, namer, f"{base}_quantized", values)
-    scale = _scalar(graph, namer, f"{base}_scale", scales)
+    data = add_weight(graph, namer, f"{base}_quantized", values)
+    scale = add_weight(graph, namer, f"{base}_scale", scales)
     inputs = [data, scale]
     if zeros is not None:
-        inputs.append(_scalar(graph, namer, f"{base}_zero_point", zeros))
+        inputs.append(add_weight(graph, namer, f"{base}_zero_point", zeros))
     attributes = {} if axis is None else {"axis": axis}
     if block is not None:
         attributes["block_size"] = block
@@ -631,7 +619,7 @@ def _correct_bias(graph, node, weight, restored, input_stats, namer) -> str:
         return "skipped: bias is not a constant"
     base = np.zeros(shift.shape, np.float32) if bias is None else bias.const_value.numpy()
     corrected = (np.asarray(base, np.float64) - shift).astype(np.float32)
-    new_bias = _scalar(graph, namer, f"{node.inputs[1].name}_bias_corrected", corrected)
+    new_bias = add_weight(graph, namer, f"{node.inputs[1].name}_bias_corrected", corrected)
     if len(node.inputs) > 2:
         node.replace_input_with(2, new_bias)
     else:
@@ -686,8 +674,8 @@ def _fold_one(graph: ir.Graph, conv: ir.Node, bn: ir.Node, namer: Namer) -> None
     old_bias = np.zeros(weight.shape[0]) if bias is None else bias.const_value.numpy()
     new_weight = (weight * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(np.float32)
     new_bias = ((np.asarray(old_bias, np.float64) - mean) * factor + beta).astype(np.float32)
-    conv.replace_input_with(1, _scalar(graph, namer, f"{conv.inputs[1].name}_bn", new_weight))
-    bias_value = _scalar(graph, namer, f"{conv.inputs[1].name}_bn_bias", new_bias)
+    conv.replace_input_with(1, add_weight(graph, namer, f"{conv.inputs[1].name}_bn", new_weight))
+    bias_value = add_weight(graph, namer, f"{conv.inputs[1].name}_bn_bias", new_bias)
     if len(conv.inputs) < 3:
         conv.resize_inputs(3)
     conv.replace_input_with(2, bias_value)
@@ -898,11 +886,11 @@ class Int4(CompressionPass):
         base = node.inputs[1].name
         inputs = [
             node.inputs[0],
-            _scalar(graph, namer, f"{base}_q4", packed),
-            _scalar(graph, namer, f"{base}_scales", scales),
+            add_weight(graph, namer, f"{base}_q4", packed),
+            add_weight(graph, namer, f"{base}_scales", scales),
         ]
         if zeros is not None:
-            inputs.append(_scalar(graph, namer, f"{base}_zero_points", zeros))
+            inputs.append(add_weight(graph, namer, f"{base}_zero_points", zeros))
         new = ir.node(
             "MatMulNBits",
             inputs,
