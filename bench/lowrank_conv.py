@@ -1,6 +1,6 @@
 """Benchmark lowrank on convolutions, with real data.
 
-    python bench/lowrank_conv.py [--runs 200]
+    python bench/lowrank_conv.py [--runs 200] [--part all|errors|latency] [--threads 1,0]
 
 1. Data-aware versus plain SVD at equal rank: the output relative error of every standard 3×3
    conv of ultraface and ppocrv4_det, calibrating on 6 of the photos in ../shared/real/photos
@@ -133,21 +133,43 @@ def ultraface_case(real: Path):
     return calibration, held[0], fidelity
 
 
+#: Each setting is a recipe: one or more passes. The last of each model is latency-aware:
+#: separable where it pays, then rank-16 SVD (one AVX-512 block of channels), each rewrite kept
+#: only when it runs >= 1.1x faster alone in onnxruntime on this machine.
+LATENCY_AWARE = [
+    "lowrank:scheme=separable,rank=1,min_speedup=1.1",
+    "lowrank:scheme=svd,rank=16,round_to=16,ops=Conv,min_speedup=1.1",
+]
 CNN_SETTINGS = [
-    "lowrank:scheme=separable,rank=1,ops=Conv,exclude=/stem/*",
-    "lowrank:scheme=separable,max_error=0.3,ops=Conv",
-    "lowrank:scheme=svd,ratio=0.25,ops=Conv",
-    "lowrank:scheme=tucker2,ratio=0.5,ops=Conv",
+    ["lowrank:scheme=separable,rank=1,ops=Conv,exclude=/stem/*"],
+    ["lowrank:scheme=separable,max_error=0.3,ops=Conv"],
+    ["lowrank:scheme=svd,ratio=0.25,ops=Conv"],
+    ["lowrank:scheme=tucker2,ratio=0.5,ops=Conv"],
+    LATENCY_AWARE,
 ]
 ULTRAFACE_SETTINGS = [
-    "lowrank:scheme=svd,ratio=0.25,ops=Conv",
-    "lowrank:scheme=separable,rank=1,ops=Conv",
-    "lowrank:scheme=tucker2,ratio=0.5,ops=Conv",
-    "lowrank:scheme=svd,max_error=0.1,ops=Conv",
+    ["lowrank:scheme=svd,ratio=0.25,ops=Conv"],
+    ["lowrank:scheme=separable,rank=1,ops=Conv"],
+    ["lowrank:scheme=tucker2,ratio=0.5,ops=Conv"],
+    ["lowrank:scheme=svd,max_error=0.1,ops=Conv"],
+    LATENCY_AWARE,
 ]
 
 
-def latency_table(real: Path, runs: int) -> list[str]:
+def speedups(source: Path, model, feed, runs: int, thread_counts) -> list[str]:
+    """Original over compressed median latency, side by side, at each thread count."""
+    ratios = []
+    for threads in thread_counts:
+        reference, candidate = (
+            Runner(load(str(source)), threads=threads),
+            Runner(model, threads=threads),
+        )
+        ref_ms, cand_ms = measure_latency([reference, candidate], feed, runs)
+        ratios.append(f"{ref_ms / cand_ms:.2f}x")
+    return ratios
+
+
+def latency_table(real: Path, runs: int, thread_counts) -> list[str]:
     rows = []
     cases = [
         ("mnist_cnn", REPO / "fixtures" / "mnist_cnn.onnx", cnn_case(), CNN_SETTINGS),
@@ -155,34 +177,51 @@ def latency_table(real: Path, runs: int) -> list[str]:
     ]
     for label, source, (calibration, timing_feed, fidelity), settings in cases:
         reference = Runner(load(str(source)))
-        for setting in settings:
+        for steps in settings:
             model, report = compress(
-                str(source), [setting], calibration=calibration, options=Options(validate=False)
+                str(source), steps, calibration=calibration, options=Options(validate=False)
             )
-            candidate = Runner(model)
-            ref_ms, cand_ms = measure_latency([reference, candidate], timing_feed, runs)
             rows.append(
                 [
                     label,
-                    setting.removeprefix("lowrank:"),
-                    str(report.passes[0].totals()["layers_rewritten"]),
+                    " + ".join(step.removeprefix("lowrank:") for step in steps),
+                    "+".join(str(p.totals()["layers_rewritten"]) for p in report.passes),
                     f"{report.before.macs / report.after.macs:.2f}x",
-                    f"{ref_ms / cand_ms:.2f}x",
-                    fidelity(reference, candidate),
+                    *speedups(source, model, timing_feed, runs, thread_counts),
+                    fidelity(reference, Runner(model)),
                 ]
             )
-    header = ["model", "setting", "layers", "MACs", "speed-up", "accuracy / fidelity (held out)"]
+    header = [
+        "model",
+        "setting",
+        "layers",
+        "MACs",
+        *(f"speed-up {_threads_label(n)}" for n in thread_counts),
+        "accuracy / fidelity (held out)",
+    ]
     return table(header, rows, left=2)
+
+
+def _threads_label(threads: int | None) -> str:
+    return "all cores" if threads is None else f"{threads} thread{'s' if threads > 1 else ''}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=200, help="timed runs per model")
+    parser.add_argument("--part", choices=("all", "errors", "latency"), default="all")
+    parser.add_argument(
+        "--threads",
+        default="1,0",
+        help="onnxruntime intra-op thread counts, comma-separated; 0: its default (all cores)",
+    )
     args = parser.parse_args()
     real = default_real_dir()
-    print("\n".join(data_aware_versus_plain(real)))
-    print()
-    print("\n".join(latency_table(real, args.runs)))
+    if args.part in ("all", "errors"):
+        print("\n".join(data_aware_versus_plain(real)), end="\n\n")
+    if args.part in ("all", "latency"):
+        counts = [int(n) or None for n in args.threads.split(",")]
+        print("\n".join(latency_table(real, args.runs, counts)))
 
 
 if __name__ == "__main__":

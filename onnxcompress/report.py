@@ -120,10 +120,13 @@ def _pass_table(report: PassReport) -> list[str]:
     )
     lines = ["", f"pass {report.name} ({options})"]
     lines += [f"  note: {note}" for note in report.notes]
+    # With calibration data the output error is the figure that matters: a data-aware fit
+    # may move weights far in directions the data never excites (a large weight error).
+    measured = any(layer.output_error is not None for layer in report.layers)
     rows = []
     for layer in report.layers:
         if layer.action == "skipped":
-            rows.append([layer.node, layer.op_type, "skipped: " + (layer.reason or ""), "", "", ""])
+            rows.append([layer.node, layer.op_type, "skipped: " + (layer.reason or "")])
             continue
         what = ", ".join(f"{k}={v}" for k, v in layer.detail.items() if k != "nodes")
         rows.append(
@@ -134,11 +137,15 @@ def _pass_table(report: PassReport) -> list[str]:
                 f"{layer.params_before:,} -> {layer.params_after:,}",
                 f"{_fmt(layer.macs_before)} -> {_fmt(layer.macs_after)}",
                 _fmt(layer.weight_error, ".4f"),
+                *([_fmt(layer.output_error, ".4f")] if measured else []),
             ]
         )
     if not rows:
         return [*lines, "  no candidate layers"]
-    return lines + table(["layer", "op", "done", "params", "MACs", "weight err"], rows, left=3)
+    header = ["layer", "op", "done", "params", "MACs", "weight err"]
+    header += ["output err"] if measured else []
+    rows = [row + [""] * (len(header) - len(row)) for row in rows]  # skipped: blank figures
+    return lines + table(header, rows, left=3)
 
 
 def _totals_table(before: ModelStats, after: ModelStats | None) -> list[str]:

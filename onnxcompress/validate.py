@@ -34,7 +34,8 @@ class Runner:
     model's own outputs, ``capture`` returns the extras by name (activation capture for
     calibration, data-aware passes and shape observation). ``with_outputs`` opens another
     session on the same model with other extras, e.g. on the original model after passes
-    have changed the working copy.
+    have changed the working copy. ``threads`` sets onnxruntime's intra-op threads (default:
+    its own choice, one per physical core).
     """
 
     def __init__(
@@ -43,12 +44,19 @@ class Runner:
         label: str = "model",
         extra_outputs: Sequence[str] = (),
         external_folder: str | None = None,
+        threads: int | None = None,
     ) -> None:
         self._tmp: Path | None = None
         self._folder = external_folder  # where external data lives, for bytes sources
         self._added: list[str] = []
+        self.threads = threads
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        # Idle worker threads would otherwise spin after each run, stealing the cores from the
+        # next session and skewing side-by-side timings (measure_latency).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             source = self._source(model, options, list(dict.fromkeys(extra_outputs)))
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -95,7 +103,17 @@ class Runner:
     def with_outputs(self, names: Sequence[str], label: str | None = None) -> Runner:
         """Another session on this runner's model exposing ``names``; close it after use
         (before this one, which owns any temporary file)."""
-        return Runner(self._origin, label or self.label, names, self._folder)
+        return Runner(self._origin, label or self.label, names, self._folder, self.threads)
+
+    def value_names(self) -> set[str]:
+        """Every value this runner's model computes or takes in (weights not loaded)."""
+        if isinstance(self._origin, bytes):
+            proto = onnx.load_from_string(self._origin)
+        else:
+            proto = onnx.load(self._origin, load_external_data=False)
+        names = {value.name for value in proto.graph.input}
+        names.update(name for node in proto.graph.node for name in node.output)
+        return names
 
     def run(self, feed: Feed) -> list[np.ndarray]:
         """The model's own outputs on ``feed``."""

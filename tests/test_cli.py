@@ -336,3 +336,14 @@ def test_compress_validates_on_separate_data_when_given(tmp_path, good):
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["validation"]["feeds"] == 4  # 12 held-out rows by 3
+
+
+def test_with_calibration_data_the_report_shows_each_layer_output_error(tmp_path, good):
+    np.savez(tmp_path / "calib.npz", X=np.random.default_rng(0).standard_normal((6, 64)))
+    args = ["compress", good, "-o", tmp_path / "o.onnx", *LOWRANK, "--batch-size", "3"]
+    plain = invoke(*args)
+    assert plain.exit_code == 0 and "output err" not in plain.stdout
+    measured = invoke(*args, "--calibration", tmp_path / "calib.npz")
+    assert measured.exit_code == 0, measured.output
+    header = next(line for line in measured.stdout.splitlines() if line.startswith("layer"))
+    assert header.split()[-2:] == ["output", "err"]

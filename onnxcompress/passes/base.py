@@ -117,9 +117,11 @@ class CompressionPass:
         raise NotImplementedError
 
 
-def excluded(node: ir.Node, patterns: tuple[str, ...]) -> bool:
-    """True when the node's name matches one of the user's ``exclude`` glob patterns."""
-    return any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in patterns)
+def name_matches(node: ir.Node, patterns: tuple[str, ...]) -> bool:
+    """True when one of the glob ``patterns`` matches the node's name, its report
+    label (``Conv(270)`` for an unnamed node, as many exporters leave them) or an output's name."""
+    names = {node.name or "", node_label(node), *(v.name or "" for v in node.outputs)}
+    return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in patterns)
 
 
 def check_fields(config: Any, rules: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:

@@ -18,7 +18,7 @@ from onnxcompress.passes.base import (
     PassReport,
     Skip,
     check_fields,
-    excluded,
+    name_matches,
 )
 from onnxcompress.passes.codebook_fit import (
     Fit,
@@ -149,8 +149,8 @@ class Codebook(CompressionPass):
         if cfg.ops and not all(user.op_type in cfg.ops for user in users):
             kinds = ", ".join(sorted({u.op_type for u in users}))
             raise Skip(f"read by {kinds}, not in ops")
-        if excluded(_named(value.name), cfg.exclude) or any(
-            excluded(u, cfg.exclude) for u in users
+        if name_matches(_named(value.name), cfg.exclude) or any(
+            name_matches(u, cfg.exclude) for u in users
         ):
             raise Skip("excluded by name pattern")
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress import latency
 from onnxcompress.conv import ConvGeometry
+from onnxcompress.errors import CannotRun
 from onnxcompress.graph import (
     Namer,
     default_opset,
@@ -26,9 +28,10 @@ from onnxcompress.passes.base import (
     PassReport,
     Skip,
     check_fields,
-    excluded,
+    name_matches,
 )
 from onnxcompress.passes.factorize import LayerStats
+from onnxcompress.passes.lowrank_fold import fold_pointwise
 from onnxcompress.passes.lowrank_graph import Plan, rewrite
 from onnxcompress.passes.lowrank_stats import StatsCollector
 
@@ -79,7 +82,9 @@ class LowRank(CompressionPass):
         max_error: float | None = None  # smallest rank with output rel. error <= this
         data_aware: bool | None = None  # fit to calibration data (default: when it is given)
         min_saving: float = 0.1  # skip unless params and MACs drop by this share
+        min_speedup: float | None = None  # skip unless it runs this many times faster (measured)
         round_to: int = 1  # round ranks up to a multiple of this (kernel-friendly)
+        fold: bool = True  # merge a new 1×1 conv into the linear 1×1 conv it feeds
         ops: tuple[str, ...] | None = None  # op types (default: all; Conv for conv schemes)
         exclude: tuple[str, ...] = ()  # node-name glob patterns to leave alone
         max_rows: int = 4096  # calibration rows sampled per batch and layer
@@ -98,6 +103,7 @@ class LowRank(CompressionPass):
                     "energy": (lambda v: 0 < v <= 1, "in (0, 1]"),
                     "max_error": (lambda v: v > 0, "above 0"),
                     "min_saving": (lambda v: v < 1, "below 1 (negative allows growth)"),
+                    "min_speedup": (lambda v: v > 0, "above 0 (1 keeps any rewrite not slower)"),
                     "round_to": (lambda v: v >= 1, "an integer >= 1"),
                     "ops": (lambda v: v and set(v) <= set(_OPS), f"among {', '.join(_OPS)}"),
                     "max_rows": (lambda v: v >= 16, "an integer >= 16"),
@@ -141,7 +147,32 @@ class LowRank(CompressionPass):
         finally:
             if stats:
                 stats.close()
+        if self.config.fold:
+            self._fold(model, report, namer, ctx)
         return report
+
+    def _fold(self, model: ir.Model, report: PassReport, namer: Namer, ctx) -> None:
+        """Merge each rewrite's last 1×1 conv into a linear 1×1 conv it feeds, if any."""
+        by_node = {layer.detail["nodes"][-1]: layer for layer in report.rewritten}
+        nodes = {node.name: node for node in model.graph if node.name in by_node}
+        sizes = {name: node.inputs[1].const_value.size for name, node in nodes.items()}
+
+        def ours(node: ir.Node) -> bool:
+            return node.name in by_node
+
+        def protected(node: ir.Node) -> bool:
+            return name_matches(node, self.config.exclude)
+
+        for name in by_node:
+            node = nodes.get(name)
+            if node is None or node.graph is None:  # already merged with a sibling
+                continue
+            folded = fold_pointwise(model.graph, node, namer, ours, protected)
+            if folded is None:
+                continue
+            for gone in folded.removed:
+                _merged(by_node[gone], gone, sizes[gone], node_label(folded.into))
+            _absorbed(by_node[folded.removed[0]], folded, ctx)
 
     def _stats_collector(self, model, candidates, ctx, report) -> StatsCollector | None:
         """Calibration statistics when the fit or the rank rule needs them."""
@@ -161,7 +192,7 @@ class LowRank(CompressionPass):
         )
 
     def _compress(self, model, node, ctx, namer, collector) -> LayerReport:
-        if excluded(node, self.config.exclude):
+        if name_matches(node, self.config.exclude):
             raise Skip("excluded by name pattern")
         layer = view(node)
         if self.config.max_error is not None and collector is None:
@@ -172,8 +203,12 @@ class LowRank(CompressionPass):
         positions = _positions(node, ctx, layer), _positions(node, ctx, layer, inputs=True)
         plan = self._plan(layer, fit)
         self._guard(layer, plan, *positions)
+        measured = self._latency_guard(model, layer, plan, ctx)
         rewrite(model.graph, layer, plan, namer, self.name)
-        return _layer_report(layer, plan, *positions)
+        report = _layer_report(layer, plan, *positions)
+        if measured is not None:
+            report.detail["speedup"] = round(measured, 3)
+        return report
 
     def _fit(self, layer: Layer, collector: StatsCollector | None) -> Fit:
         if collector is None:
@@ -240,6 +275,8 @@ class LowRank(CompressionPass):
         return searched or make_ranks(self._rank(in_s, in_full), self._rank(out_s, out_full))
 
     def _plan_separable(self, layer: Layer, fit: Fit) -> Plan:
+        if math.prod(layer.weight.shape[2:]) == 1:  # C·m scalings then a 1×1 conv: never smaller
+            raise Skip("a 1×1 conv has no kernel to separate (scheme=svd factorizes it)")
         weight = layer.weight.astype(np.float64)
         full = min(weight.shape[0], math.prod(weight.shape[2:]))
 
@@ -306,6 +343,31 @@ class LowRank(CompressionPass):
         if worst < floor or (worst <= 0 and floor >= 0):
             what = "params" if saving <= macs_saving else "MACs"
             raise Skip(f"{plan.describe()} saves {worst:.0%} of {what} (min_saving {floor:.0%})")
+
+    def _latency_guard(self, model: ir.Model, layer: Layer, plan: Plan, ctx) -> float | None:
+        """With ``min_speedup``: time the layer and its rewrite alone in onnxruntime on this
+        machine (one thread, kernels only) and skip a rewrite that is not that much faster."""
+        floor = self.config.min_speedup
+        if floor is None:
+            return None
+        shape = ctx.shapes.get(layer.node.inputs[0].name or "")
+        if not shape or any(not isinstance(d, int) for d in shape):
+            raise Skip("min_speedup needs the layer's input shape (give --dim or calibration data)")
+        opsets = dict(model.opset_imports)
+        before = latency.isolate(layer.node, shape, opsets)
+        after = latency.isolate(layer.node, shape, opsets)
+        (alone,) = after.graph
+        rewrite(after.graph, view(alone), plan, Namer(after), self.name)
+        try:
+            measured = latency.speedup(before, after)
+        except CannotRun as exc:  # e.g. no CPU kernel for this dtype: nothing to compare
+            raise Skip(f"min_speedup: {exc}") from None
+        if measured < floor:
+            raise Skip(
+                f"{plan.describe()} runs {measured:.2f}x as fast alone in onnxruntime "
+                f"(min_speedup {floor:g})"
+            )
+        return measured
 
 
 def _standard(node: ir.Node) -> bool:
@@ -406,6 +468,27 @@ class Fit:
     def error(self, layer: Layer, plan: Plan) -> float:
         bias = plan.bias if plan.bias is not None else layer.bias
         return self.stats.error(plan.last @ plan.first, bias)
+
+
+def _merged(layer: LayerReport, name: str, params: int, into: str) -> None:
+    """Account for a rewrite's last 1×1 conv (``params`` weights) merged into ``into``."""
+    positions = layer.macs_before // layer.params_before if layer.macs_before else None
+    layer.detail["nodes"] = [n for n in layer.detail["nodes"] if n != name]
+    layer.detail["merged_into"] = into
+    itemsize = layer.bytes_before // max(layer.params_before, 1)
+    layer.params_after -= params
+    layer.bytes_after -= params * itemsize
+    if positions is not None and layer.macs_after is not None:
+        layer.macs_after -= params * positions
+
+
+def _absorbed(layer: LayerReport, folded, ctx: PassContext) -> None:
+    """The absorbing conv's own change (it narrows when it takes an r-wide factor)."""
+    shape = ctx.shapes.get(folded.into.outputs[0].name or "")
+    layer.params_after += folded.params_delta
+    layer.bytes_after += folded.params_delta * (layer.bytes_before // max(layer.params_before, 1))
+    if shape and all(isinstance(d, int) for d in shape) and layer.macs_after is not None:
+        layer.macs_after += folded.params_delta * shape[0] * math.prod(shape[2:])
 
 
 def _layer_report(layer: Layer, plan: Plan, positions, in_positions) -> LayerReport:

@@ -1,7 +1,8 @@
 """Calibration statistics for lowrank: for one layer at a time, the *student's* input rows (the
 model as compressed so far) against the *teacher's* output rows (the original model), summed
 a batch at a time into a LayerStats, so fitting one layer accounts for the error of the ones
-before it (asymmetric reconstruction)."""
+before it (asymmetric reconstruction). A layer an earlier pass created has no counterpart in the
+original model: its target is the model as this pass found it."""
 
 from __future__ import annotations
 
@@ -33,7 +34,14 @@ class StatsCollector:
     ) -> None:
         self.model, self.feeds, self.max_rows = model, feeds, max_rows
         self.fit = fit  # refit factors to the data, or only measure errors on it
-        self.teacher = teacher.with_outputs(outputs, "original model")
+        known = teacher.value_names()
+        original = [name for name in outputs if name in known]
+        created = [name for name in outputs if name not in known]
+        self.teacher = teacher.with_outputs(original, "original model")
+        self.targets = dict.fromkeys(original, self.teacher)
+        if created:  # a frozen copy: this pass goes on changing ``model``
+            before = Runner(model, "model before this pass", extra_outputs=created)
+            self.targets.update(dict.fromkeys(created, before))
         self.rng = np.random.default_rng(seed)
 
     def collect(self, layer: Layer) -> LayerStats:
@@ -46,7 +54,7 @@ class StatsCollector:
         try:
             for feed in self.feeds:
                 x = student.capture(feed)[x_name]
-                y = self.teacher.capture(feed, [y_name])[y_name]
+                y = self.targets[y_name].capture(feed, [y_name])[y_name]
                 x_rows, y_rows = self._rows(layer, x, y)
                 stats.add(x_rows, y_rows)
         finally:
@@ -66,4 +74,5 @@ class StatsCollector:
         return (x_rows, y_rows) if keep is None else (x_rows[keep], y_rows[keep])
 
     def close(self) -> None:
-        self.teacher.close()
+        for runner in set(self.targets.values()) | {self.teacher}:
+            runner.close()

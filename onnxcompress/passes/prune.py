@@ -3,7 +3,6 @@ unstructured magnitude sparsity."""
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from onnxcompress.passes.base import (
     PassContext,
     PassReport,
     check_fields,
+    name_matches,
 )
 from onnxcompress.refit import RefitResult, Target, refit
 from onnxcompress.validate import Runner
@@ -138,7 +138,7 @@ class _FilterPruning:
     def _group_problem(self, group: Group) -> str | None:
         if group.blocked:
             return group.blocked[0]
-        if any(_matches(s.node, self.config.exclude) for s in group.sources):
+        if any(name_matches(s.node, self.config.exclude) for s in group.sources):
             return "excluded by name pattern"
         return None
 
@@ -204,7 +204,7 @@ class _FilterPruning:
     def _group_ratio(self, group: Group) -> float:
         for item in self.config.layer_ratios:
             pattern, ratio = _parse_layer_ratio(item)
-            if any(fnmatch.fnmatchcase(s.node.name or "", pattern) for s in group.sources):
+            if any(name_matches(s.node, (pattern,)) for s in group.sources):
                 return ratio
         return self.config.ratio
 
@@ -386,10 +386,6 @@ def _repair_detail(fit: RefitResult) -> str | dict[str, float]:
     return {"error_before": round(fit.error_before, 4), "error_after": round(fit.error_after, 4)}
 
 
-def _matches(node: ir.Node, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(node.name or "", p) for p in patterns)
-
-
 def _const_sizes(node: ir.Node) -> tuple[int, int]:
     params = nbytes = 0
     for value in node.inputs:
@@ -569,7 +565,7 @@ class _Sparsify:
             problem = weight_problem(weight)
             if problem is None and weight.const_value.dtype not in _FLOAT:
                 problem = f"weight dtype {weight.const_value.dtype.name} is not float"
-            if problem is None and _matches(node, self.config.exclude):
+            if problem is None and name_matches(node, self.config.exclude):
                 problem = "excluded by name pattern"
             if problem:
                 self.report.layers.append(LayerReport.skipped(node, problem))

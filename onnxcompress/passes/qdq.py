@@ -22,7 +22,7 @@ from onnxcompress.passes.base import (
     PassReport,
     Skip,
     check_fields,
-    excluded,
+    name_matches,
 )
 from onnxcompress.ranges import METHODS, TensorStats, choose_range, collect
 from onnxcompress.validate import Runner, compare
@@ -159,7 +159,7 @@ class Qdq(CompressionPass):
         planned, skipped = [], []
         for node in candidates:
             try:
-                if excluded(node, self.config.exclude):
+                if name_matches(node, self.config.exclude):
                     raise Skip("excluded by name pattern")
                 if node in ends:
                     raise Skip("first or last weighted layer (exclude_first_last)")
@@ -816,7 +816,7 @@ class Int4(CompressionPass):
         return report
 
     def _quantize(self, model: ir.Model, node: ir.Node, namer: Namer) -> LayerReport:
-        if excluded(node, self.config.exclude):
+        if name_matches(node, self.config.exclude):
             raise Skip("excluded by name pattern")
         weight = node.inputs[1] if len(node.inputs) > 1 else None
         if not _constant(weight):

@@ -1,0 +1,125 @@
+"""Latency of one layer in onnxruntime, measured on this machine: the basis for rewrites that are
+kept only when they run faster (lowrank's ``min_speedup``).
+
+A layer is timed alone, in a model of its own, from onnxruntime's per-kernel profile rather than
+the wall clock, so session overhead does not flatten the ratio. Layout conversions at the
+model's edges (the NCHWc reorders onnxruntime adds around convs) are left out: inside the whole
+model, tensors flow between convs in that layout without them. A conversion *between* the
+layer's own nodes is counted, since it is the price of a rank the kernels do not like.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxcompress.errors import CannotRun
+
+_REORDERS = ("ReorderInput", "ReorderOutput")
+_KERNEL_SUFFIX = "_kernel_time"
+
+
+def isolate(node: ir.Node, input_shape: Sequence[int], opsets: dict[str, int]) -> ir.Model:
+    """A model of ``node`` alone: its first input becomes the graph input (of ``input_shape``),
+    its other inputs must be constants, and they are shared, not copied."""
+    source = node.inputs[0]
+    constants = [_constant(value) for value in node.inputs[1:]]
+    dtype = source.dtype or next(c.const_value.dtype for c in constants if c is not None)
+    x = ir.Value(name=source.name or "x", shape=ir.Shape(input_shape), type=ir.TensorType(dtype))
+    clone = ir.Node(
+        node.domain,
+        node.op_type,
+        [x, *constants],
+        attributes=list(node.attributes.values()),
+        name=node.name,
+        num_outputs=1,
+    )
+    clone.outputs[0].name = node.outputs[0].name
+    graph = ir.Graph(
+        [x],
+        [clone.outputs[0]],
+        nodes=[clone],
+        initializers=[c for c in constants if c is not None],
+        opset_imports=opsets,
+    )
+    return ir.Model(graph, ir_version=10)
+
+
+def _constant(value: ir.Value | None) -> ir.Value | None:
+    if value is None:
+        return None
+    if value.const_value is None:
+        raise ValueError(f"input {value.name!r} is not a constant")
+    return ir.Value(name=value.name, const_value=value.const_value)
+
+
+def kernel_microseconds(model: ir.Model, runs: int = 40, threads: int = 1, seed: int = 0) -> float:
+    """Median microseconds per run that onnxruntime's CPU kernels spend on ``model`` (its single
+    input fed seeded noise), summed over nodes, edge layout conversions excluded."""
+    (x,) = model.graph.inputs
+    shape = [int(d) for d in x.shape]
+    feed = {x.name: np.random.default_rng(seed).standard_normal(shape).astype(x.dtype.numpy())}
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-latency-") as folder:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        try:
+            session = ort.InferenceSession(
+                ir.to_proto(model).SerializeToString(), options, ["CPUExecutionProvider"]
+            )
+            for _ in range(runs + 2):  # the first runs allocate and pack weights
+                session.run(None, feed)
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise CannotRun(f"onnxruntime cannot time the layer: {exc}".splitlines()[0]) from None
+        profile = Path(session.end_profiling())
+        edges = _edge_reorders(onnx.load(options.optimized_model_filepath))
+        durations = _kernel_durations(json.loads(profile.read_text()), edges)
+    return float(sum(np.median(times[2:] or times) for times in durations.values()))
+
+
+def _edge_reorders(optimized: onnx.ModelProto) -> set[str]:
+    """Names of the layout conversions that read a graph input or write a graph output."""
+    inputs = {value.name for value in optimized.graph.input}
+    outputs = {value.name for value in optimized.graph.output}
+    return {
+        node.name
+        for node in optimized.graph.node
+        if node.op_type in _REORDERS
+        and (node.input[0] in inputs or any(name in outputs for name in node.output))
+    }
+
+
+def _kernel_durations(events: list[dict], skip: set[str]) -> dict[str, list[float]]:
+    durations: dict[str, list[float]] = defaultdict(list)
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") != "Node" or not name.endswith(_KERNEL_SUFFIX):
+            continue
+        node = name[: -len(_KERNEL_SUFFIX)]
+        if node not in skip:
+            durations[node].append(float(event["dur"]))
+    return durations
+
+
+def speedup(before: ir.Model, after: ir.Model, runs: int = 40, rounds: int = 3) -> float:
+    """How many times faster ``after`` runs than ``before``: the best of ``rounds`` alternating
+    measurements of each, so a burst of load on a shared machine hits both alike."""
+    times_before, times_after = [], []
+    for _ in range(rounds):
+        times_before.append(kernel_microseconds(before, runs))
+        times_after.append(kernel_microseconds(after, runs))
+    fastest_after = min(times_after)
+    return min(times_before) / fastest_after if fastest_after > 0 else math.inf

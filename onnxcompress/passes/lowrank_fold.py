@@ -1,0 +1,168 @@
+"""Merge a new pointwise conv into the linear 1×1 conv it feeds.
+
+A rewrite ends in a 1×1 conv P (the pointwise half of a separable pair, the r→O factor of a
+channel split). When P's only reader is another 1×1 conv K, directly or through a Concat along
+channels that only K reads, with nothing non-linear in between, K·(P·x + b₁) + b₂ is one 1×1
+conv (K·P)·x + (K·b₁ + b₂): P's node goes, K gets the product. Exact up to rounding; it saves a
+node and its MACs (onnxruntime spends ~10 µs per small conv on a CPU). RFB-style blocks
+(branches → Concat → 1×1 "ConvLinear") and linear bottlenecks have this shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.graph import Namer, add_weight, node_label, weight_array, weight_problem
+
+
+@dataclass
+class Folded:
+    """What a fold did: the conv that absorbed the pointwise ones, and its size change."""
+
+    into: ir.Node
+    removed: list[str]  # names of the pointwise convs merged away
+    params_delta: int  # change of the absorbing conv's params (<= 0)
+
+
+def fold_pointwise(
+    graph: ir.Graph,
+    node: ir.Node,
+    namer: Namer,
+    ours: Callable[[ir.Node], bool],
+    protected: Callable[[ir.Node], bool],
+) -> Folded | None:
+    """Fold ``node`` (a 1×1 conv) into the 1×1 conv it feeds, with every other conv beside it
+    in a Concat for which ``ours`` holds (made by the calling pass); None when the pattern
+    does not hold or the absorbing conv is ``protected`` (excluded by the user)."""
+    if not _pointwise(node, as_producer=True):
+        return None
+    reader, via = _single_reader(node.outputs[0]), None
+    if reader is not None and reader.op_type == "Concat":
+        via, reader = reader, _single_reader(reader.outputs[0])
+        if not _channel_concat(via, node):
+            return None
+    if reader is None or protected(reader) or not _pointwise(reader, as_producer=False):
+        return None
+    if via is not None and reader.inputs[0] is not via.outputs[0]:
+        return None
+    if via is None and reader.inputs[0] is not node.outputs[0]:
+        return None
+    sources = list(via.inputs) if via is not None else [node.outputs[0]]
+    return _fold(graph, namer, reader, via, sources, ours)
+
+
+def _fold(graph, namer, reader: ir.Node, via: ir.Node | None, sources, ours) -> Folded | None:
+    weight = weight_array(reader.inputs[1])
+    outer = weight.reshape(weight.shape[0], -1).astype(np.float64)  # [O2, ΣC]
+    bias = _bias(reader, outer.shape[0])
+    widths = [_channels(value) for value in sources]
+    if None in widths or sum(widths) != outer.shape[1]:
+        return None
+    blocks, new_bias, new_sources, folded = [], bias.copy(), [], []
+    start = 0
+    for value, width in zip(sources, widths):
+        columns = outer[:, start : start + width]
+        start += width
+        producer = value.producer()
+        if producer is not None and ours(producer) and _foldable_source(producer, value, sources):
+            inner = weight_array(producer.inputs[1])
+            inner = inner.reshape(inner.shape[0], -1).astype(np.float64)  # [C, C0]
+            blocks.append(columns @ inner)
+            new_bias += columns @ _bias(producer, inner.shape[0])
+            new_sources.append(producer.inputs[0])
+            folded.append(producer)
+        else:
+            blocks.append(columns)
+            new_sources.append(value)
+    merged = np.concatenate(blocks, axis=1)
+    if not folded or merged.shape[1] > outer.shape[1]:  # never widen the absorbing conv
+        return None
+    _rewire(graph, namer, reader, via, new_sources, folded, merged, new_bias, weight)
+    return Folded(reader, [p.name for p in folded], int(merged.size - outer.size))
+
+
+def _rewire(graph, namer, reader, via, sources, folded, merged, bias, weight) -> None:
+    base = reader.name or node_label(reader)
+    shape = (merged.shape[0], merged.shape[1], *weight.shape[2:])
+    new_weight = add_weight(
+        graph, namer, f"{base}.folded", merged.reshape(shape).astype(weight.dtype)
+    )
+    new_bias = add_weight(graph, namer, f"{base}.folded_bias", bias.astype(weight.dtype))
+    if via is not None:
+        for index, value in enumerate(sources):
+            via.replace_input_with(index, value)
+    else:
+        reader.replace_input_with(0, sources[0])
+    reader.replace_input_with(1, new_weight)
+    if len(reader.inputs) < 3:
+        reader.resize_inputs(3)
+    reader.replace_input_with(2, new_bias)
+    for producer in folded:
+        graph.remove(producer, safe=True)
+
+
+def _single_reader(value: ir.Value) -> ir.Node | None:
+    uses = value.uses()
+    if value.is_graph_output() or len(uses) != 1:
+        return None
+    return uses[0].node
+
+
+def _pointwise(node: ir.Node, as_producer: bool) -> bool:
+    """A float 1×1 conv, group 1, no padding (a producer also stride 1: it must keep every
+    position the reader may sample)."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return False
+    if weight_problem(node.inputs[1]) is not None:
+        return False
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and bias.const_value is None:
+        return False
+    attrs = node.attributes
+    shape = node.inputs[1].const_value.shape
+    if any(d != 1 for d in shape[2:]) or attrs.get_int("group", 1) != 1:
+        return False
+    if attrs.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return False
+    if any(attrs.get_ints("pads", [])):
+        return False
+    return not as_producer or all(s == 1 for s in attrs.get_ints("strides", []))
+
+
+def _channel_concat(concat: ir.Node, member: ir.Node) -> bool:
+    rank = len(member.inputs[1].const_value.shape)
+    axis = concat.attributes.get_int("axis", 0)
+    return axis in (1, 1 - rank)
+
+
+def _foldable_source(producer: ir.Node, value: ir.Value, sources) -> bool:
+    """A pointwise conv whose output is read once, by this Concat/conv, at one position."""
+    return (
+        _pointwise(producer, as_producer=True)
+        and len(value.uses()) == 1
+        and not value.is_graph_output()
+        and sum(v is value for v in sources) == 1
+    )
+
+
+def _channels(value: ir.Value) -> int | None:
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Conv" and len(producer.inputs) > 1:
+        weight = producer.inputs[1]
+        if weight.const_value is not None:
+            return int(weight.const_value.shape[0])
+    shape = value.shape
+    if shape is not None and len(shape) > 1 and isinstance(shape[1], int):
+        return int(shape[1])
+    return None
+
+
+def _bias(node: ir.Node, channels: int) -> np.ndarray:
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    if value is None:
+        return np.zeros(channels)
+    return weight_array(value).astype(np.float64).reshape(channels)
