@@ -1,7 +1,6 @@
 """Benchmark lowrank on convolutions, with real data.
 
     python bench/lowrank_conv.py [--runs 200] [--part all|errors|latency] [--threads 1,0]
-                                 [--speedup-threads 1]
 
 1. Data-aware versus plain SVD at equal rank: the output relative error of every standard 3×3
    conv of ultraface and ppocrv4_det, calibrating on 6 of the photos in ../shared/real/photos
@@ -170,7 +169,7 @@ def speedups(source: Path, model, feed, runs: int, thread_counts) -> list[str]:
     return ratios
 
 
-def latency_table(real: Path, runs: int, thread_counts, guard_threads: int = 1) -> list[str]:
+def latency_table(real: Path, runs: int, thread_counts) -> list[str]:
     rows = []
     cases = [
         ("mnist_cnn", REPO / "fixtures" / "mnist_cnn.onnx", cnn_case(), CNN_SETTINGS),
@@ -179,13 +178,6 @@ def latency_table(real: Path, runs: int, thread_counts, guard_threads: int = 1) 
     for label, source, (calibration, timing_feed, fidelity), settings in cases:
         reference = Runner(load(str(source)))
         for steps in settings:
-            if guard_threads != 1:  # time the latency-aware rewrites at the deployment threads
-                steps = [
-                    step.replace(
-                        "min_speedup=1.1", f"min_speedup=1.1,speedup_threads={guard_threads}"
-                    )
-                    for step in steps
-                ]
             model, report = compress(
                 str(source), steps, calibration=calibration, options=Options(validate=False)
             )
@@ -223,16 +215,13 @@ def main() -> None:
         default="1,0",
         help="onnxruntime intra-op thread counts, comma-separated; 0: its default (all cores)",
     )
-    parser.add_argument(
-        "--speedup-threads", type=int, default=1, help="threads min_speedup times rewrites with"
-    )
     args = parser.parse_args()
     real = default_real_dir()
     if args.part in ("all", "errors"):
         print("\n".join(data_aware_versus_plain(real)), end="\n\n")
     if args.part in ("all", "latency"):
         counts = [int(n) or None for n in args.threads.split(",")]
-        print("\n".join(latency_table(real, args.runs, counts, args.speedup_threads)))
+        print("\n".join(latency_table(real, args.runs, counts)))
 
 
 if __name__ == "__main__":

@@ -114,14 +114,12 @@ def _kernel_durations(events: list[dict], skip: set[str]) -> dict[str, list[floa
     return durations
 
 
-def speedup(
-    before: ir.Model, after: ir.Model, runs: int = 40, rounds: int = 3, threads: int = 1
-) -> float:
+def speedup(before: ir.Model, after: ir.Model, runs: int = 40, rounds: int = 3) -> float:
     """How many times faster ``after`` runs than ``before``: the best of ``rounds`` alternating
     measurements of each, so a burst of load on a shared machine hits both alike."""
     times_before, times_after = [], []
     for _ in range(rounds):
-        times_before.append(kernel_microseconds(before, runs, threads))
-        times_after.append(kernel_microseconds(after, runs, threads))
+        times_before.append(kernel_microseconds(before, runs))
+        times_after.append(kernel_microseconds(after, runs))
     fastest_after = min(times_after)
     return min(times_before) / fastest_after if fastest_after > 0 else math.inf

@@ -83,7 +83,6 @@ class LowRank(CompressionPass):
         data_aware: bool | None = None  # fit to calibration data (default: when it is given)
         min_saving: float = 0.1  # skip unless params and MACs drop by this share
         min_speedup: float | None = None  # skip unless it runs this many times faster (measured)
-        speedup_threads: int = 1  # onnxruntime intra-op threads for those timings
         round_to: int = 1  # round ranks up to a multiple of this (kernel-friendly)
         fold: bool = True  # merge a new 1×1 conv into the linear 1×1 conv it feeds
         ops: tuple[str, ...] | None = None  # op types (default: all; Conv for conv schemes)
@@ -105,7 +104,6 @@ class LowRank(CompressionPass):
                     "max_error": (lambda v: v > 0, "above 0"),
                     "min_saving": (lambda v: v < 1, "below 1 (negative allows growth)"),
                     "min_speedup": (lambda v: v > 0, "above 0 (1 keeps any rewrite not slower)"),
-                    "speedup_threads": (lambda v: v >= 1, "an integer >= 1"),
                     "round_to": (lambda v: v >= 1, "an integer >= 1"),
                     "ops": (lambda v: v and set(v) <= set(_OPS), f"among {', '.join(_OPS)}"),
                     "max_rows": (lambda v: v >= 16, "an integer >= 16"),
@@ -348,7 +346,7 @@ class LowRank(CompressionPass):
 
     def _latency_guard(self, model: ir.Model, layer: Layer, plan: Plan, ctx) -> float | None:
         """With ``min_speedup``: time the layer and its rewrite alone in onnxruntime on this
-        machine (kernels only) and skip a rewrite that is not that much faster."""
+        machine (one thread, kernels only) and skip a rewrite that is not that much faster."""
         floor = self.config.min_speedup
         if floor is None:
             return None
@@ -361,7 +359,7 @@ class LowRank(CompressionPass):
         (alone,) = after.graph
         rewrite(after.graph, view(alone), plan, Namer(after), self.name)
         try:
-            measured = latency.speedup(before, after, threads=self.config.speedup_threads)
+            measured = latency.speedup(before, after)
         except CannotRun as exc:  # e.g. no CPU kernel for this dtype: nothing to compare
             raise Skip(f"min_speedup: {exc}") from None
         if measured < floor:
