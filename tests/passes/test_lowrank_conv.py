@@ -54,11 +54,16 @@ GEOMETRIES = {
 }
 
 
-@pytest.mark.parametrize("scheme", ["svd", "tucker2", "separable"])
-@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize(
+    ("scheme", "geometry"),
+    [
+        (scheme, geometry)
+        for scheme in ("svd", "tucker2", "separable")
+        for geometry in GEOMETRIES
+        if (scheme, geometry) != ("separable", "1x1")  # left to svd: see the next test
+    ],
+)
 def test_every_scheme_at_full_rank_reproduces_the_conv(scheme, geometry):
-    if (scheme, geometry) == ("separable", "1x1"):
-        pytest.skip("a 1×1 conv is left to scheme=svd: see the next test")
     proto = conv_model(**GEOMETRIES[geometry])
     result, report = compress(proto, [f"lowrank:scheme={scheme},{FULL}"], options=NO_VALIDATE)
     assert report.passes[0].rewritten, report.passes[0].layers[0].reason
