@@ -155,7 +155,7 @@ class LowRank(CompressionPass):
         """Merge each rewrite's last 1×1 conv into a linear 1×1 conv it feeds, if any."""
         by_node = {layer.detail["nodes"][-1]: layer for layer in report.rewritten}
         nodes = {node.name: node for node in model.graph if node.name in by_node}
-        sizes = {name: node.inputs[1].const_value.size for name, node in nodes.items()}
+        costs = {name: _Cost.of(node, ctx) for name, node in nodes.items()}  # before they go
 
         def ours(node: ir.Node) -> bool:
             return node.name in by_node
@@ -170,9 +170,15 @@ class LowRank(CompressionPass):
             folded = fold_pointwise(model.graph, node, namer, ours, protected)
             if folded is None:
                 continue
+            into = node_label(folded.into)
             for gone in folded.removed:
-                _merged(by_node[gone], gone, sizes[gone], node_label(folded.into))
-            _absorbed(by_node[folded.removed[0]], folded, ctx)
+                layer = by_node[gone]
+                layer.detail["nodes"] = [n for n in layer.detail["nodes"] if n != gone]
+                layer.detail["merged_into"] = into
+                costs[gone].book(layer, -1)
+            # the absorbing conv narrows (or keeps its width): booked on the first merged layer
+            absorbing = _Cost.of(folded.into, ctx, params=folded.params_delta)
+            absorbing.book(by_node[folded.removed[0]], +1)
 
     def _stats_collector(self, model, candidates, ctx, report) -> StatsCollector | None:
         """Calibration statistics when the fit or the rank rule needs them."""
@@ -470,25 +476,28 @@ class Fit:
         return self.stats.error(plan.last @ plan.first, bias)
 
 
-def _merged(layer: LayerReport, name: str, params: int, into: str) -> None:
-    """Account for a rewrite's last 1×1 conv (``params`` weights) merged into ``into``."""
-    positions = layer.macs_before // layer.params_before if layer.macs_before else None
-    layer.detail["nodes"] = [n for n in layer.detail["nodes"] if n != name]
-    layer.detail["merged_into"] = into
-    itemsize = layer.bytes_before // max(layer.params_before, 1)
-    layer.params_after -= params
-    layer.bytes_after -= params * itemsize
-    if positions is not None and layer.macs_after is not None:
-        layer.macs_after -= params * positions
+@dataclass
+class _Cost:
+    """A conv's weights and MACs, to move between layer reports when a fold merges nodes."""
 
+    params: int
+    itemsize: int
+    positions: int | None  # output rows, when shapes are known
 
-def _absorbed(layer: LayerReport, folded, ctx: PassContext) -> None:
-    """The absorbing conv's own change (it narrows when it takes an r-wide factor)."""
-    shape = ctx.shapes.get(folded.into.outputs[0].name or "")
-    layer.params_after += folded.params_delta
-    layer.bytes_after += folded.params_delta * (layer.bytes_before // max(layer.params_before, 1))
-    if shape and all(isinstance(d, int) for d in shape) and layer.macs_after is not None:
-        layer.macs_after += folded.params_delta * shape[0] * math.prod(shape[2:])
+    @classmethod
+    def of(cls, node: ir.Node, ctx: PassContext, params: int | None = None) -> _Cost:
+        weight = node.inputs[1].const_value
+        shape = ctx.shapes.get(node.outputs[0].name or "")
+        known = bool(shape) and all(isinstance(d, int) for d in shape)
+        positions = shape[0] * math.prod(shape[2:]) if known else None
+        itemsize = int(weight.dtype.itemsize)
+        return cls(weight.size if params is None else params, itemsize, positions)
+
+    def book(self, layer: LayerReport, sign: int) -> None:
+        layer.params_after += sign * self.params
+        layer.bytes_after += sign * self.params * self.itemsize
+        if self.positions is not None and layer.macs_after is not None:
+            layer.macs_after += sign * self.params * self.positions
 
 
 def _layer_report(layer: Layer, plan: Plan, positions, in_positions) -> LayerReport:
