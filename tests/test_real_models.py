@@ -115,3 +115,24 @@ def test_lowrank_energy_09_on_trained_mlp_halves_params_within_one_point(tmp_pat
     accuracy_before = float((run(source, feed)[0].argmax(1) == y_held).mean())
     accuracy_after = float((run(compressed, feed)[0].argmax(1) == y_held).mean())
     assert accuracy_before - accuracy_after <= 0.01
+
+
+def test_latency_aware_lowrank_on_ultraface_keeps_only_measured_gains(real):
+    from fixtures.photos import ultraface_feeds
+
+    feeds = ultraface_feeds(real)
+    recipe = [
+        "lowrank:scheme=separable,rank=1,min_speedup=1.1",
+        "lowrank:scheme=svd,rank=16,round_to=16,ops=Conv,min_speedup=1.1",
+    ]
+    options = Options(validation_data=feeds[6:])
+    _, report = compress(str(real / "ultraface_rfb320.onnx"), recipe, feeds[:6], options=options)
+    for stage in report.passes:
+        assert all(layer.detail["speedup"] >= 1.1 for layer in stage.rewritten)
+        timed = [layer.reason for layer in stage.layers if "as fast alone" in (layer.reason or "")]
+        assert all("(min_speedup 1.1)" in reason for reason in timed)
+    # the RFB block's three dilated branches end in one 1×1 conv: their pointwise halves merge
+    merged = [layer for layer in report.passes[0].rewritten if "merged_into" in layer.detail]
+    assert {layer.detail["merged_into"] for layer in merged} <= {"Conv(310)"}
+    scores, boxes = report.validation.outputs
+    assert scores.rel_l2 < 0.1 and scores.top1_agreement > 0.99 and boxes.rel_l2 < 0.05
