@@ -62,32 +62,60 @@ def _constant(value: ir.Value | None) -> ir.Value | None:
     return ir.Value(name=value.name, const_value=value.const_value)
 
 
-def kernel_microseconds(model: ir.Model, runs: int = 40, threads: int = 1, seed: int = 0) -> float:
-    """Median microseconds per run that onnxruntime's CPU kernels spend on ``model`` (its single
-    input fed seeded noise), summed over nodes, edge layout conversions excluded."""
-    (x,) = model.graph.inputs
-    shape = [int(d) for d in x.shape]
-    feed = {x.name: np.random.default_rng(seed).standard_normal(shape).astype(x.dtype.numpy())}
-    with tempfile.TemporaryDirectory(prefix="onnxcompress-latency-") as folder:
+_WARM_UP = 2  # the first runs allocate and pack weights
+
+
+class _Profiled:
+    """One profiling onnxruntime session on ``model`` (its single input fed seeded noise)."""
+
+    def __init__(self, model: ir.Model, folder: Path, threads: int, seed: int = 0) -> None:
+        (x,) = model.graph.inputs
+        shape = [int(d) for d in x.shape]
+        noise = np.random.default_rng(seed).standard_normal(shape)
+        self.feed = {x.name: noise.astype(x.dtype.numpy())}
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.enable_profiling = True
-        options.profile_file_prefix = str(Path(folder) / "profile")
-        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        options.profile_file_prefix = str(folder / "profile")
+        self.optimized = folder / "optimized.onnx"
+        options.optimized_model_filepath = str(self.optimized)
         try:
-            session = ort.InferenceSession(
+            self.session = ort.InferenceSession(
                 ir.to_proto(model).SerializeToString(), options, ["CPUExecutionProvider"]
             )
-            for _ in range(runs + 2):  # the first runs allocate and pack weights
-                session.run(None, feed)
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise CannotRun(f"onnxruntime cannot time the layer: {exc}".splitlines()[0]) from None
-        profile = Path(session.end_profiling())
-        edges = _edge_reorders(onnx.load(options.optimized_model_filepath))
+        self.run(_WARM_UP)
+
+    def run(self, times: int) -> None:
+        try:
+            for _ in range(times):
+                self.session.run(None, self.feed)
+        except Exception as exc:
+            raise CannotRun(f"onnxruntime cannot time the layer: {exc}".splitlines()[0]) from None
+
+    def rounds(self, runs: int) -> list[float]:
+        """Per round of ``runs``: the median microseconds per run, summed over the nodes."""
+        profile = Path(self.session.end_profiling())
+        edges = _edge_reorders(onnx.load(self.optimized))
         durations = _kernel_durations(json.loads(profile.read_text()), edges)
-    return float(sum(np.median(times[2:] or times) for times in durations.values()))
+        timed = [times[_WARM_UP:] for times in durations.values()]
+        count = min((len(times) for times in timed), default=0) // runs
+        return [
+            float(sum(np.median(times[k * runs : (k + 1) * runs]) for times in timed))
+            for k in range(count)
+        ]
+
+
+def kernel_microseconds(model: ir.Model, runs: int = 40, threads: int = 1) -> float:
+    """Median microseconds per run that onnxruntime's CPU kernels spend on ``model``, summed
+    over nodes, edge layout conversions excluded."""
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-latency-") as folder:
+        profiled = _Profiled(model, Path(folder), threads)
+        profiled.run(runs)
+        return profiled.rounds(runs)[0]
 
 
 def _edge_reorders(optimized: onnx.ModelProto) -> set[str]:
@@ -116,10 +144,14 @@ def _kernel_durations(events: list[dict], skip: set[str]) -> dict[str, list[floa
 
 def speedup(before: ir.Model, after: ir.Model, runs: int = 40, rounds: int = 3) -> float:
     """How many times faster ``after`` runs than ``before``: the best of ``rounds`` alternating
-    measurements of each, so a burst of load on a shared machine hits both alike."""
-    times_before, times_after = [], []
-    for _ in range(rounds):
-        times_before.append(kernel_microseconds(before, runs))
-        times_after.append(kernel_microseconds(after, runs))
-    fastest_after = min(times_after)
-    return min(times_before) / fastest_after if fastest_after > 0 else math.inf
+    rounds on one session each, so a burst of load on a shared machine hits both alike."""
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-latency-") as folder:
+        sessions = []
+        for label, model in (("before", before), ("after", after)):
+            (Path(folder) / label).mkdir()
+            sessions.append(_Profiled(model, Path(folder) / label, threads=1))
+        for _ in range(rounds):
+            for session in sessions:
+                session.run(runs)
+        fastest_before, fastest_after = (min(session.rounds(runs)) for session in sessions)
+    return fastest_before / fastest_after if fastest_after > 0 else math.inf
