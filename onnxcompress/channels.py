@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph import Namer, Shapes, add_weight, node_label, weight_problem
+from onnxcompress.emit import Namer, add_weight
+from onnxcompress.graph import Shapes, node_label, weight_problem
 
 logger = logging.getLogger(__name__)
 

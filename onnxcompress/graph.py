@@ -1,4 +1,4 @@
-"""Small helpers over onnx_ir: constant weights, naming and tagging new nodes, shapes, MACs."""
+"""Small helpers over onnx_ir: constant weights and their axes, shapes, MACs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -13,7 +14,6 @@ import onnx_ir as ir
 
 logger = logging.getLogger(__name__)
 
-PASS_TAG = "onnxcompress.pass"
 #: Weights above this many bytes are left out of the protos handed to onnx's C++ checks.
 _STRIP_ABOVE_BYTES = 1024
 
@@ -24,8 +24,10 @@ def default_opset(model: ir.Model) -> int | None:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
 
 
-def weight_problem(value: ir.Value | None) -> str | None:
-    """Why ``value`` cannot be rewritten as a weight, or None when it is a constant weight."""
+def weight_problem(value: ir.Value | None, allow_shared: bool = False) -> str | None:
+    """Why ``value`` cannot be rewritten as a weight, or None when it is a constant weight.
+
+    ``allow_shared`` accepts a constant read by several nodes (the caller handles sharing)."""
     if value is None:
         return "weight input is missing"
     if value.is_graph_input():
@@ -36,34 +38,76 @@ def weight_problem(value: ir.Value | None) -> str | None:
         return f"weight is not a constant ({what})"
     if value.is_graph_output():
         return "weight is also a graph output"
-    if len(value.uses()) > 1:
+    if len(value.uses()) > 1 and not allow_shared:
         return f"weight is shared by {len(value.uses())} uses"
     return None
 
 
+def is_constant(value: ir.Value | None) -> bool:
+    """A value with a constant tensor that the user cannot feed (not a graph input)."""
+    return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
 def weight_array(value: ir.Value) -> np.ndarray:
-    assert value.const_value is not None
+    """The constant tensor of ``value`` as a numpy array."""
+    if value.const_value is None:
+        raise ValueError(f"{value.name} is not a constant")
     return np.asarray(value.const_value.numpy())
 
 
-class Namer:
-    """Hands out node and value names that are not taken yet in a model."""
+def set_constant(value: ir.Value, array: np.ndarray) -> None:
+    """Give the constant ``value`` new contents under the same name, and their shape."""
+    value.const_value = ir.Tensor(np.ascontiguousarray(array), name=value.name)
+    value.shape = ir.Shape(array.shape)
 
-    def __init__(self, model: ir.Model) -> None:
-        self._taken: set[str] = set()
-        for graph in model.graphs():
-            self._taken.update(v.name for v in graph.inputs if v.name)
-            self._taken.update(graph.initializers)
-            for node in graph:
-                self._taken.add(node.name or "")
-                self._taken.update(o.name for o in node.outputs if o.name)
 
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._taken:
-            name, i = f"{base}_{i}", i + 1
-        self._taken.add(name)
-        return name
+@dataclass(frozen=True)
+class WeightAxes:
+    """Where a weight keeps its output channels (or features) and the inputs it sums over."""
+
+    out: int | None
+    reduced: int | None
+
+
+def weight_axes(node: ir.Node, index: int = 1, rank: int | None = None) -> WeightAxes:
+    """The axes of the constant that ``node`` reads at input ``index``, as the op defines
+    them; ``WeightAxes(None, None)`` when the op gives that input no channel meaning."""
+    op = node.op_type
+    if rank is None:
+        value = node.inputs[index] if index < len(node.inputs) else None
+        tensor = value.const_value if value is not None else None
+        rank = len(tensor.shape) if tensor is not None else 2
+    if index == 1 and op == "Conv":
+        return WeightAxes(0, 1)
+    if index == 1 and op == "ConvTranspose":
+        return WeightAxes(1, 0)
+    if index == 1 and op == "Gemm":
+        return WeightAxes(0, 1) if node.attributes.get_int("transB", 0) else WeightAxes(1, 0)
+    if index == 1 and op == "MatMul":
+        return WeightAxes(rank - 1, rank - 2)
+    if index == 0 and op == "Gather" and node.attributes.get_int("axis", 0) == 0:
+        return WeightAxes(rank - 1, None)  # an embedding table: rows are looked up, not summed
+    return WeightAxes(None, None)
+
+
+def bias_input(node: ir.Node) -> ir.Value | None:
+    """The bias input of a Conv/ConvTranspose/Gemm (input 2), if it has one."""
+    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
+        return None
+    return node.inputs[2]
+
+
+def output_bias(node: ir.Node) -> tuple[ir.Value | None, float]:
+    """The bias added to a layer's output and the factor it is scaled by: a Conv/Gemm's
+    input 2 (Gemm's beta), or for MatMul the other operand of a lone Add after it."""
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+        beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
+        return bias_input(node), beta
+    uses = node.outputs[0].uses() if node.outputs else []
+    if node.op_type == "MatMul" and len(uses) == 1 and uses[0].node.op_type == "Add":
+        add, index = uses[0]
+        return add.inputs[1 - index], 1.0
+    return None, 1.0
 
 
 def node_label(node: ir.Node) -> str:
@@ -72,24 +116,6 @@ def node_label(node: ir.Node) -> str:
         return node.name
     first = node.outputs[0].name if node.outputs else "?"
     return f"{node.op_type}({first})"
-
-
-def add_weight(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer and return its value."""
-    name = namer.fresh(base)
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.Tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
-
-
-def tag(node: ir.Node, pass_name: str) -> ir.Node:
-    node.metadata_props[PASS_TAG] = pass_name
-    return node
 
 
 @contextlib.contextmanager

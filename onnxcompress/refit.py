@@ -23,7 +23,8 @@ import onnx_ir as ir
 
 from onnxcompress.calibration import Feed
 from onnxcompress.conv import ConvGeometry, channels_last, im2col, sample_rows
-from onnxcompress.graph import Namer, add_weight, node_label
+from onnxcompress.emit import Namer, add_weight
+from onnxcompress.graph import node_label
 from onnxcompress.validate import Runner
 
 logger = logging.getLogger(__name__)

@@ -130,6 +130,12 @@ class Runner:
         except Exception as exc:
             raise CannotRun(f"onnxruntime failed to run: {_first_line(exc)}") from None
 
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)

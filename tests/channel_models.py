@@ -15,7 +15,8 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from onnxcompress import channels
-from onnxcompress.graph import Namer, infer_shapes
+from onnxcompress.emit import Namer
+from onnxcompress.graph import infer_shapes
 from onnxcompress.normalize import normalize
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'

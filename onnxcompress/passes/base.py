@@ -43,6 +43,48 @@ class LayerReport:
     def skipped(cls, node: ir.Node, reason: str) -> LayerReport:
         return cls(node_label(node), node.op_type, "skipped", reason=reason)
 
+    @classmethod
+    def rewritten(
+        cls,
+        node: ir.Node,
+        detail: dict[str, Any] | None = None,
+        *,
+        original: np.ndarray | None = None,
+        restored: np.ndarray | None = None,
+        params: tuple[int, int] = (0, 0),
+        nbytes: tuple[int, int] = (0, 0),
+        macs: tuple[int | None, int | None] = (None, None),
+        output_error: float | None = None,
+    ) -> LayerReport:
+        """A rewritten layer: ``params``, ``nbytes`` and ``macs`` as (before, after); the
+        weight error is measured between the ``original`` weight and the ``restored`` one
+        (what the new graph computes), when both are given."""
+        error = None if original is None or restored is None else relative_error(original, restored)
+        return cls(
+            node_label(node),
+            node.op_type,
+            "rewritten",
+            detail=dict(detail or {}),
+            params_before=params[0],
+            params_after=params[1],
+            bytes_before=nbytes[0],
+            bytes_after=nbytes[1],
+            macs_before=macs[0],
+            macs_after=macs[1],
+            weight_error=error,
+            output_error=output_error,
+        )
+
+
+def relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """||reference − approximation|| / ||reference|| (Frobenius, in float64); 0 for a zero
+    reference."""
+    reference = np.asarray(reference, np.float64)
+    norm = float(np.linalg.norm(reference))
+    if norm == 0:
+        return 0.0
+    return float(np.linalg.norm(reference - np.asarray(approximation, np.float64))) / norm
+
 
 @dataclass
 class PassReport:
@@ -68,7 +110,7 @@ class PassReport:
 
 @dataclass
 class PassContext:
-    """What passes share: data, the teacher model, shapes, a seeded RNG, progress."""
+    """What passes share: data, the teacher model, shapes, the seed, progress."""
 
     shapes: Shapes = field(default_factory=dict)
     calibration: list[dict[str, np.ndarray]] | None = None
@@ -76,10 +118,6 @@ class PassContext:
     teacher: Runner | None = None  # an onnxruntime session on the original model
     seed: int = 0
     progress: Callable[[str], None] | None = None
-    rng: np.random.Generator = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.seed)
 
 
 class CompressionPass:

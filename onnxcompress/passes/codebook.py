@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph import Namer, default_opset, node_label, tag, weight_array
+from onnxcompress.emit import Namer, tag
+from onnxcompress.graph import default_opset, node_label, weight_array
 from onnxcompress.passes.base import (
     CompressionPass,
     LayerReport,

@@ -12,9 +12,9 @@ import onnx_ir as ir
 
 from onnxcompress import latency
 from onnxcompress.conv import ConvGeometry
+from onnxcompress.emit import Namer
 from onnxcompress.errors import CannotRun
 from onnxcompress.graph import (
-    Namer,
     default_opset,
     node_label,
     weight_array,

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph import Namer, add_weight, node_label, weight_array, weight_problem
+from onnxcompress.emit import Namer, add_weight
+from onnxcompress.graph import node_label, weight_array, weight_problem
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph import Namer, add_weight, tag
+from onnxcompress.emit import Namer, add_weight, tag
 
 if TYPE_CHECKING:
     from onnxcompress.passes.lowrank import Layer

@@ -12,7 +12,8 @@ import onnx_ir as ir
 
 from onnxcompress import channels
 from onnxcompress.channels import ChannelGraph, Group
-from onnxcompress.graph import Namer, add_weight, node_label, node_macs, weight_problem
+from onnxcompress.emit import Namer, add_weight
+from onnxcompress.graph import node_label, node_macs, weight_problem
 from onnxcompress.passes.base import (
     CompressionPass,
     LayerReport,

@@ -13,8 +13,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.calibration import Feed, synthetic_feeds
+from onnxcompress.emit import Namer, add_weight, tag
 from onnxcompress.errors import BadData
-from onnxcompress.graph import Namer, add_weight, default_opset, node_label, tag
+from onnxcompress.graph import default_opset, node_label
 from onnxcompress.passes.base import (
     CompressionPass,
     LayerReport,

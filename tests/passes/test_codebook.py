@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fixtures.mnist import mnist_split
 from onnxcompress import Recipe, RecipeError, compress
-from onnxcompress.graph import PASS_TAG
+from onnxcompress.emit import PASS_TAG
 from onnxcompress.passes.codebook_fit import (
     Fit,
     fit_product,

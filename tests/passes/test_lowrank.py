@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import Recipe, RecipeError, compress
-from onnxcompress.graph import PASS_TAG
+from onnxcompress.emit import PASS_TAG
 from onnxcompress.pipeline import Options
 from tests.conftest import FIXTURES, parse, run
 

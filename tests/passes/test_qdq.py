@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import Recipe, RecipeError, compress
-from onnxcompress.graph import PASS_TAG
+from onnxcompress.emit import PASS_TAG
 from onnxcompress.passes.qdq import equalize, fold_batchnorms
 from onnxcompress.pipeline import Options
 from tests.conftest import parse, run
