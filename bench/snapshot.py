@@ -100,23 +100,28 @@ def cases(real: Path, quick: bool) -> list[tuple[str, Path, list, dict, list[lis
     pages = ppocr_det_feeds(8, size=160)
     m8, m8_held = mnist8(real)
     single = lambda settings: [[s] for s in settings]  # noqa: E731
+    mlp = [*LOWRANK_FC, "lowrank:max_error=0.1", "lowrank:rank=16", "qdq:method=percentile"]
+    cnn = [
+        *single(["lowrank:scheme=separable,rank=1,ops=Conv,exclude=/stem/*"]),
+        *single(["lowrank:scheme=separable,max_error=0.3,ops=Conv", *CONV[:3], *PRUNE]),
+        *single(["prune:mode=sparsity,ratio=0.5,repair=lstsq", QDQ[0], "lowrank:energy=0.9"]),
+        *single(["prune:mode=sparsity,ratio=0.5,scope=global", "codebook:bits=4,min_size=1"]),
+        ["prune:ratio=0.3", "codebook:bits=4"],
+        ["lowrank:scheme=separable,rank=1,ops=Conv", "lowrank:scheme=svd,rank=16,ops=Conv"],
+    ]
+    m8_settings = [
+        "lowrank:energy=0.9",
+        "codebook:bits=4,min_size=1,ops=Conv,MatMul",
+        "codebook:bits=4,min_size=1,ops=Conv,MatMul,codebook_dtype=float16",
+        "qdq:method=minmax",
+        "prune:ratio=0.3",
+    ]
     found = [
-        ("mnist_mlp", fixtures / "mnist_mlp.onnx", flat, flat_held,
-         single([*LOWRANK_FC, "lowrank:max_error=0.1", "lowrank:rank=16", "qdq:method=percentile"])),
-        ("mnist_cnn", fixtures / "mnist_cnn.onnx", images, images_held,
-         single([
-             "lowrank:scheme=separable,rank=1,ops=Conv,exclude=/stem/*",
-             "lowrank:scheme=separable,max_error=0.3,ops=Conv",
-             *CONV[:3], *PRUNE, "prune:mode=sparsity,ratio=0.5,repair=lstsq",
-             "prune:mode=sparsity,ratio=0.5,scope=global", *QDQ[:1],
-             "codebook:bits=4,min_size=1", "lowrank:energy=0.9",
-         ]) + [["prune:ratio=0.3", "codebook:bits=4"], ["lowrank:scheme=separable,rank=1,ops=Conv", "lowrank:scheme=svd,rank=16,ops=Conv"]]),
+        ("mnist_mlp", fixtures / "mnist_mlp.onnx", flat, flat_held, single(mlp)),
+        ("mnist_cnn", fixtures / "mnist_cnn.onnx", images, images_held, cnn),
         ("mnist_wide_mlp", fixtures / "mnist_wide_mlp.onnx", flat, flat_held,
          single(CODEBOOK_WIDE)),
-        ("mnist-8", real / "mnist-8.onnx", m8, m8_held,
-         single(["lowrank:energy=0.9", "codebook:bits=4,min_size=1,ops=Conv,MatMul",
-                 "codebook:bits=4,min_size=1,ops=Conv,MatMul,codebook_dtype=float16",
-                 "qdq:method=minmax", "prune:ratio=0.3"])),
+        ("mnist-8", real / "mnist-8.onnx", m8, m8_held, single(m8_settings)),
         ("ultraface", real / "ultraface_rfb320.onnx", photos[:6], photos[6],
          single([*CONV, *PRUNE, *QDQ, "codebook:bits=4", "qdq:sensitivity=true"])),
         ("ppocr_cls", real / "ppocr_mobile_v2_cls.onnx", None, None,
