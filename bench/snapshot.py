@@ -225,6 +225,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="snapshot JSON to write")
     parser.add_argument("--compare", help="an earlier snapshot JSON to compare with")
     parser.add_argument("--only", default="", help="comma-separated model names")
+    parser.add_argument("--match", default="", help="only cases whose recipe contains this")
     parser.add_argument("--quick", action="store_true", help="two settings per model")
     args = parser.parse_args()
     real = default_real_dir()
@@ -239,6 +240,8 @@ def main() -> None:
         feed = held_feed(source, calibration, held)
         for steps in settings:
             key = f"{name} {' + '.join(steps)}"
+            if args.match not in key:
+                continue
             results[key] = run_case(source, steps, calibration, feed, out_dir, _slug(key))
             print(f"{key}: {results[key].get('error') or results[key]['seconds']}", flush=True)
     out.write_text(json.dumps(results, indent=1, sort_keys=True))
