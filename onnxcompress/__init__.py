@@ -18,8 +18,7 @@ from onnxcompress.pipeline import Gates, Options, compress
 from onnxcompress.recipe import Recipe
 from onnxcompress.report import CompressionReport
 from onnxcompress.validate import Validation, validate
-
-__version__ = "0.1.0"
+from onnxcompress.version import __version__
 
 
 def load(source):
@@ -46,6 +45,7 @@ __all__ = [
     "RecipeError",
     "ToleranceExceeded",
     "Validation",
+    "__version__",
     "compress",
     "inspect_model",
     "load",

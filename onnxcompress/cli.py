@@ -60,17 +60,20 @@ def _handled(command):
     return wrapper
 
 
+_dim_option = click.option(
+    "--dim",
+    "dims",
+    multiple=True,
+    metavar="NAME=N|INPUT:AXIS=N",
+    help="Size of a symbolic input dimension (repeatable).",
+)
+
+
 def _data_options(command):
     """--dim, --samples, --batch-size, --seed: how feeds are built, shared by commands."""
     for option in reversed(
         [
-            click.option(
-                "--dim",
-                "dims",
-                multiple=True,
-                metavar="NAME=N|INPUT:AXIS=N",
-                help="Size of a symbolic input dimension (repeatable).",
-            ),
+            _dim_option,
             click.option(
                 "--samples",
                 default=8,
@@ -88,6 +91,21 @@ def _data_options(command):
     ):
         command = option(command)
     return command
+
+
+def _recipe_options(command):
+    """-p/--pass and --recipe: which passes to run, shared by compress and batch."""
+    command = click.option(
+        "--recipe", "recipe_file", type=click.Path(), help="A TOML or JSON recipe."
+    )(command)
+    return click.option(
+        "-p",
+        "--pass",
+        "passes",
+        multiple=True,
+        metavar="NAME[:KEY=VALUE,...]",
+        help="A pass and its options, in order (repeatable).",
+    )(command)
 
 
 def _gate_options(command):
@@ -144,15 +162,7 @@ def main(verbose: bool) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the result.")
 @click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically).")
-@click.option(
-    "-p",
-    "--pass",
-    "passes",
-    multiple=True,
-    metavar="NAME[:KEY=VALUE,...]",
-    help="A pass and its options, in order (repeatable).",
-)
-@click.option("--recipe", "recipe_file", type=click.Path(), help="A TOML or JSON recipe.")
+@_recipe_options
 @click.option("--calibration", type=click.Path(), help="A .npz or a folder of .npy feeds.")
 @click.option(
     "--data",
@@ -246,13 +256,7 @@ def _echo_report(report, as_json: bool) -> None:
 @main.command(name="inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option(
-    "--dim",
-    "dims",
-    multiple=True,
-    metavar="NAME=N|INPUT:AXIS=N",
-    help="Size of a symbolic input dimension, for MACs (repeatable).",
-)
+@_dim_option
 @_handled
 def inspect_command(model, as_json, dims) -> None:
     """Per-layer table of MODEL: op, weight shape, params, MACs, which passes apply."""
@@ -318,12 +322,21 @@ def passes() -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output-dir", required=True, type=click.Path(path_type=Path))
-@click.option("-p", "--pass", "passes", multiple=True, metavar="NAME[:KEY=VALUE,...]")
-@click.option("--recipe", "recipe_file", type=click.Path())
-@click.option("--calibration", type=click.Path(), help="Feeds used for every model.")
+@click.option(
+    "-o",
+    "--output-dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for each model's output, its report and summary.json.",
+)
+@_recipe_options
+@click.option(
+    "--calibration",
+    type=click.Path(),
+    help="A .npz or a folder of .npy feeds, used for every model.",
+)
 @click.option("--jobs", default=1, show_default=True, help="Models compressed in parallel.")
-@click.option("--no-validate", is_flag=True)
+@click.option("--no-validate", is_flag=True, help="Skip the onnxruntime comparison.")
 @_gate_options
 @_data_options
 @_handled
@@ -432,10 +445,6 @@ def _batch_one(model: Path, target: Path, job: dict[str, Any]) -> dict[str, Any]
     return result
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 def _progress():
     """A one-line progress bar on stderr (passes report long steps such as calibration),
     only when stderr is a terminal, so logs and pipes stay clean."""
@@ -449,3 +458,7 @@ def _progress():
             click.echo("", err=True)
 
     return show
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name="onnxcompress")

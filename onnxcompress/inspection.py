@@ -22,7 +22,7 @@ _MIN_WEIGHT_SIZE = 16
 
 
 @dataclass
-class Layer:
+class LayerRow:
     node: str
     op_type: str
     weights: dict[str, list[int]]
@@ -41,7 +41,7 @@ class Inspection:
     macs: int
     file_bytes: int | None
     input_shapes: dict[str, list[int]]
-    layers: list[Layer] = field(default_factory=list)
+    layers: list[LayerRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,9 +103,9 @@ def _weights(node: ir.Node) -> dict[str, list[int]]:
     }
 
 
-def _layer(node: ir.Node, shapes) -> Layer:
+def _layer(node: ir.Node, shapes) -> LayerRow:
     weights = _weights(node)
-    return Layer(
+    return LayerRow(
         node=node_label(node),
         op_type=node.op_type,
         weights=weights,

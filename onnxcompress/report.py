@@ -9,6 +9,7 @@ from typing import Any
 
 from onnxcompress.passes.base import PassReport
 from onnxcompress.validate import Validation
+from onnxcompress.version import __version__
 
 SCHEMA = "onnxcompress.report/1"
 
@@ -39,8 +40,6 @@ class CompressionReport:
         return not self.gate_failures
 
     def to_dict(self) -> dict[str, Any]:
-        from onnxcompress import __version__
-
         return {
             "schema": SCHEMA,
             "tool_version": __version__,

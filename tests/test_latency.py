@@ -11,7 +11,7 @@ from onnx import helper
 
 from onnxcompress import latency
 from tests.conftest import run
-from tests.passes.test_lowrank_conv import _feed, conv_model
+from tests.passes.lowrank.test_lowrank_conv import _feed, conv_model
 
 
 def _node_and_opsets(proto: onnx.ModelProto) -> tuple[ir.Node, dict[str, int]]:

@@ -11,16 +11,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import latency
-from onnxcompress.conv import ConvGeometry
-from onnxcompress.emit import Namer
+from onnxcompress.emit import Emitter
 from onnxcompress.errors import CannotRun
-from onnxcompress.graph import (
-    default_opset,
-    node_label,
-    weight_array,
-    weight_problem,
-)
-from onnxcompress.passes import factorize
+from onnxcompress.graph import default_opset
 from onnxcompress.passes.base import (
     CompressionPass,
     LayerReport,
@@ -30,40 +23,17 @@ from onnxcompress.passes.base import (
     check_fields,
     name_matches,
 )
-from onnxcompress.passes.factorize import LayerStats
-from onnxcompress.passes.lowrank_fold import fold_pointwise
-from onnxcompress.passes.lowrank_graph import Plan, rewrite
-from onnxcompress.passes.lowrank_stats import StatsCollector
+from onnxcompress.passes.lowrank import factorize
+from onnxcompress.passes.lowrank.fold import fold_rewrites
+from onnxcompress.passes.lowrank.layer import Layer, view
+from onnxcompress.passes.lowrank.plan import Plan, rewrite
+from onnxcompress.passes.lowrank.targets import LayerTargets
+from onnxcompress.stats import SecondMoments
 
 #: Gemm without its C input (needed for the first, bias-free factor) exists from opset 11.
 GEMM_OPTIONAL_C_OPSET = 11
 SCHEMES = ("svd", "tucker2", "separable")
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 _OPS = ("Gemm", "MatMul", "Conv")
-
-
-@dataclass
-class Layer:
-    """A candidate seen as y = matrix·x + bias, x a row (Gemm/MatMul) or a patch (Conv)."""
-
-    node: ir.Node
-    weight: np.ndarray  # as stored
-    matrix: np.ndarray  # [O, D], float64
-    bias: np.ndarray | None  # effective per-output bias; None when it is not per-output
-    geometry: ConvGeometry | None = None
-
-    @property
-    def kind(self) -> str:
-        return self.node.op_type
-
-    @property
-    def is_conv(self) -> bool:
-        return self.kind in ("Conv", "ConvTranspose")
-
-    def macs(self, positions: int, in_positions: int | None) -> int:
-        """MACs at these output rows (a ConvTranspose works per input position)."""
-        rows = in_positions if self.kind == "ConvTranspose" else positions
-        return self.matrix.size * (rows or positions)
 
 
 class LowRank(CompressionPass):
@@ -136,51 +106,25 @@ class LowRank(CompressionPass):
         ops = set(self.config.op_types)
         ops |= {"ConvTranspose"} if "Conv" in ops else set()
         candidates = [n for n in model.graph if n.op_type in ops and _standard(n)]
-        stats = self._stats_collector(model, candidates, ctx, report)
-        namer = Namer(model)
+        targets = self._layer_targets(model, candidates, ctx, report)
+        emitter = Emitter(model, self.name)
         try:
             for node in candidates:
                 try:
-                    report.layers.append(self._compress(model, node, ctx, namer, stats))
+                    report.layers.append(self._compress(model, node, ctx, emitter, targets))
                 except Skip as skip:
                     report.layers.append(LayerReport.skipped(node, str(skip)))
         finally:
-            if stats:
-                stats.close()
+            if targets:
+                targets.close()
         if self.config.fold:
-            self._fold(model, report, namer, ctx)
+            fold_rewrites(emitter, report, ctx.shapes, self._protected)
         return report
 
-    def _fold(self, model: ir.Model, report: PassReport, namer: Namer, ctx) -> None:
-        """Merge each rewrite's last 1×1 conv into a linear 1×1 conv it feeds, if any."""
-        by_node = {layer.detail["nodes"][-1]: layer for layer in report.rewritten}
-        nodes = {node.name: node for node in model.graph if node.name in by_node}
-        costs = {name: _Cost.of(node, ctx) for name, node in nodes.items()}  # before they go
+    def _protected(self, node: ir.Node) -> bool:
+        return name_matches(node, self.config.exclude)
 
-        def ours(node: ir.Node) -> bool:
-            return node.name in by_node
-
-        def protected(node: ir.Node) -> bool:
-            return name_matches(node, self.config.exclude)
-
-        for name in by_node:
-            node = nodes.get(name)
-            if node is None or node.graph is None:  # already merged with a sibling
-                continue
-            folded = fold_pointwise(model.graph, node, namer, ours, protected)
-            if folded is None:
-                continue
-            into = node_label(folded.into)
-            for gone in folded.removed:
-                layer = by_node[gone]
-                layer.detail["nodes"] = [n for n in layer.detail["nodes"] if n != gone]
-                layer.detail["merged_into"] = into
-                costs[gone].book(layer, -1)
-            # the absorbing conv narrows (or keeps its width): booked on the first merged layer
-            absorbing = _Cost.of(folded.into, ctx, params=folded.params_delta)
-            absorbing.book(by_node[folded.removed[0]], +1)
-
-    def _stats_collector(self, model, candidates, ctx, report) -> StatsCollector | None:
+    def _layer_targets(self, model, candidates, ctx, report) -> LayerTargets | None:
         """Calibration statistics when the fit or the rank rule needs them."""
         cfg = self.config
         user_data = bool(ctx.calibration) and not ctx.synthetic_calibration
@@ -193,39 +137,39 @@ class LowRank(CompressionPass):
         if ctx.synthetic_calibration:
             report.notes.append("calibration data is synthetic: output errors are indicative")
         outputs = [n.outputs[0].name for n in candidates]
-        return StatsCollector(
+        return LayerTargets(
             model, ctx.teacher, ctx.calibration, outputs, cfg.max_rows, ctx.seed, fit
         )
 
-    def _compress(self, model, node, ctx, namer, collector) -> LayerReport:
+    def _compress(self, model, node, ctx, emitter, targets) -> LayerReport:
         if name_matches(node, self.config.exclude):
             raise Skip("excluded by name pattern")
         layer = view(node)
-        if self.config.max_error is not None and collector is None:
+        if self.config.max_error is not None and targets is None:
             raise Skip("max_error needs calibration data")
-        if layer.bias is None and collector is not None:
+        if layer.bias is None and targets is not None:
             raise Skip("a calibration fit needs a per-output bias (Gemm C is [M, N])")
-        fit = self._fit(layer, collector)
-        positions = _positions(node, ctx, layer), _positions(node, ctx, layer, inputs=True)
+        fit = self._fit(layer, targets)
+        positions = layer.positions(ctx.shapes), layer.positions(ctx.shapes, inputs=True)
         plan = self._plan(layer, fit)
         self._guard(layer, plan, *positions)
         measured = self._latency_guard(model, layer, plan, ctx)
-        rewrite(model.graph, layer, plan, namer, self.name)
+        rewrite(emitter, layer, plan)
         report = _layer_report(layer, plan, *positions)
         if measured is not None:
             report.detail["speedup"] = round(measured, 3)
         return report
 
-    def _fit(self, layer: Layer, collector: StatsCollector | None) -> Fit:
-        if collector is None:
-            return Fit(None, False)
+    def _fit(self, layer: Layer, targets: LayerTargets | None) -> CalibrationFit:
+        if targets is None:
+            return CalibrationFit(None, False)
         if layer.kind == "ConvTranspose":  # no im2col for it yet: factors fit the weights
             if self.config.max_error is not None:
                 raise Skip("max_error is not supported for ConvTranspose")
-            return Fit(None, False)
-        return Fit(collector.collect(layer), collector.fit)
+            return CalibrationFit(None, False)
+        return CalibrationFit(targets.moments(layer), targets.fit)
 
-    def _plan(self, layer: Layer, fit: Fit) -> Plan:
+    def _plan(self, layer: Layer, fit: CalibrationFit) -> Plan:
         scheme = self.config.scheme if layer.kind == "Conv" else "svd"
         if scheme == "svd":
             plan = self._plan_svd(layer, fit)
@@ -233,15 +177,14 @@ class LowRank(CompressionPass):
             plan = self._plan_tucker2(layer, fit)
         else:
             plan = self._plan_separable(layer, fit)
-        plan.weight_error = _relative(layer.matrix - plan.last @ plan.first, layer.matrix)
-        if fit.stats is not None:
+        if fit.moments is not None:
             plan.output_error = fit.error(layer, plan)
         return plan
 
-    def _plan_svd(self, layer: Layer, fit: Fit) -> Plan:
+    def _plan_svd(self, layer: Layer, fit: CalibrationFit) -> Plan:
         full = min(layer.matrix.shape)
         if fit.refit:
-            spectrum, vt, lower = fit.stats.whitened_svd(layer.matrix)
+            spectrum, vt, lower = factorize.whitened_svd(fit.moments, layer.matrix)
 
             def make(rank: int) -> Plan:
                 first = factorize.whitened_first_stage(vt, lower, rank)
@@ -259,7 +202,7 @@ class LowRank(CompressionPass):
 
         return self._search(make, full, fit, layer) or make(self._rank(spectrum, full))
 
-    def _plan_tucker2(self, layer: Layer, fit: Fit) -> Plan:
+    def _plan_tucker2(self, layer: Layer, fit: CalibrationFit) -> Plan:
         weight = layer.weight.astype(np.float64)
         (_, out_s), (_, in_s) = factorize.unfold_bases(weight)
         out_full, in_full = len(out_s), len(in_s)
@@ -280,7 +223,7 @@ class LowRank(CompressionPass):
         searched = self._search(make, widest, fit, layer)
         return searched or make_ranks(self._rank(in_s, in_full), self._rank(out_s, out_full))
 
-    def _plan_separable(self, layer: Layer, fit: Fit) -> Plan:
+    def _plan_separable(self, layer: Layer, fit: CalibrationFit) -> Plan:
         if math.prod(layer.weight.shape[2:]) == 1:  # C·m scalings then a 1×1 conv: never smaller
             raise Skip("a 1×1 conv has no kernel to separate (scheme=svd factorizes it)")
         weight = layer.weight.astype(np.float64)
@@ -291,7 +234,7 @@ class LowRank(CompressionPass):
             bias = None
             if fit.refit:  # both halves refitted to the data, not only the pointwise conv
                 depthwise, pointwise, bias = factorize.refine_separable(
-                    fit.stats, depthwise, multiplier
+                    fit.moments, depthwise, multiplier
                 )
             first = factorize.separable_first_stage(depthwise, multiplier)
             ranks = {"multiplier": multiplier}
@@ -321,7 +264,7 @@ class LowRank(CompressionPass):
             rank = math.ceil(rank / cfg.round_to) * cfg.round_to
         return max(1, min(rank, full))
 
-    def _search(self, make, full: int, fit: Fit, layer: Layer) -> Plan | None:
+    def _search(self, make, full: int, fit: CalibrationFit, layer: Layer) -> Plan | None:
         """max_error: the smallest rank whose output error on calibration data is in bound
         (errors shrink as ranks grow, so a binary search finds it)."""
         bound = self.config.max_error
@@ -363,7 +306,7 @@ class LowRank(CompressionPass):
         before = latency.isolate(layer.node, shape, opsets)
         after = latency.isolate(layer.node, shape, opsets)
         (alone,) = after.graph
-        rewrite(after.graph, view(alone), plan, Namer(after), self.name)
+        rewrite(Emitter(after, self.name), view(alone), plan)
         try:
             measured = latency.speedup(before, after)
         except CannotRun as exc:  # e.g. no CPU kernel for this dtype: nothing to compare
@@ -380,141 +323,41 @@ def _standard(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
 
 
-def view(node: ir.Node) -> Layer:
-    """The layer behind a Gemm/MatMul/Conv node, or Skip with the reason it is not one."""
-    weight_value = node.inputs[1] if len(node.inputs) > 1 else None
-    problem = weight_problem(weight_value)
-    if problem:
-        raise Skip(problem)
-    if weight_value.const_value.dtype not in _FLOAT_TYPES:
-        raise Skip(f"weight dtype {weight_value.const_value.dtype.name} is not float")
-    if node.inputs[0] is not None and node.inputs[0].const_value is not None:
-        raise Skip("left operand is constant too")
-    if node.op_type in ("Conv", "ConvTranspose"):
-        return _conv_view(node, weight_array(weight_value))
-    if len(weight_value.const_value.shape) != 2:
-        raise Skip(f"weight is {len(weight_value.const_value.shape)}-D; only 2-D is factorized")
-    stored = weight_array(weight_value)
-    if node.op_type == "MatMul":
-        return Layer(node, stored, stored.T.astype(np.float64), np.zeros(stored.shape[1]))
-    return _gemm_view(node, stored)
-
-
-def _conv_view(node: ir.Node, weight: np.ndarray) -> Layer:
-    if weight.ndim < 3:
-        raise Skip(f"conv weight is {weight.ndim}-D")
-    if node.attributes.get_int("group", 1) != 1:
-        raise Skip("grouped or depthwise conv (group > 1) is not factorized")
-    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias_value is not None and bias_value.const_value is None:
-        raise Skip("conv bias is not a constant")
-    if node.op_type == "ConvTranspose":  # weight [C, O, *k]: output channels second
-        matrix = np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1).astype(np.float64)
-        geometry = None
-    else:
-        matrix = weight.reshape(weight.shape[0], -1).astype(np.float64)
-        geometry = ConvGeometry.of(node, tuple(weight.shape[2:]))
-    bias = (
-        weight_array(bias_value).astype(np.float64)
-        if bias_value is not None
-        else np.zeros(matrix.shape[0])
-    )
-    return Layer(node, weight, matrix, bias, geometry)
-
-
-def _gemm_view(node: ir.Node, stored: np.ndarray) -> Layer:
-    attrs = node.attributes
-    alpha, beta = attrs.get_float("alpha", 1.0), attrs.get_float("beta", 1.0)
-    if alpha == 0:
-        raise Skip("Gemm alpha is 0")
-    op_b = stored.T if attrs.get_int("transB", 0) else stored  # [K, N]
-    matrix = alpha * op_b.T.astype(np.float64)
-    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-    bias: np.ndarray | None = np.zeros(matrix.shape[0])
-    if bias_value is not None:
-        if bias_value.const_value is None:
-            raise Skip("Gemm C is not a constant")
-        c = weight_array(bias_value).astype(np.float64)
-        per_output = c.size in (1, matrix.shape[0]) and (c.ndim < 2 or c.shape[0] == 1)
-        bias = beta * np.broadcast_to(c.reshape(-1), matrix.shape[:1]) if per_output else None
-    return Layer(node, stored, matrix, bias)
-
-
-def _positions(node: ir.Node, ctx: PassContext, layer: Layer, inputs: bool = False) -> int | None:
-    """Rows the layer multiplies: output positions (conv) or rows (Gemm/MatMul), if known;
-    with ``inputs``, the positions of its input (where Tucker-2's first 1×1 conv runs)."""
-    value = node.inputs[0] if inputs else node.outputs[0]
-    shape = ctx.shapes.get(value.name or "")
-    if not shape or any(d is None for d in shape):
-        return None
-    if layer.is_conv:
-        return shape[0] * math.prod(shape[2:])
-    return math.prod(shape[:-1])
-
-
-def _relative(difference: np.ndarray, reference: np.ndarray) -> float:
-    norm = float(np.linalg.norm(reference))
-    return float(np.linalg.norm(difference)) / norm if norm > 0 else 0.0
-
-
 @dataclass
-class Fit:
-    """One layer's calibration statistics, and whether factors are refitted to them."""
+class CalibrationFit:
+    """One layer's calibration moments, and whether factors are refitted to them."""
 
-    stats: LayerStats | None
+    moments: SecondMoments | None
     refit: bool
 
     def apply(self, plan: Plan, layer: Layer) -> Plan:
         """Refit the last factor (and the bias) by least squares on the student's inputs
         against the teacher's outputs, so errors do not pile up layer after layer."""
         if self.refit:
-            plan.last, plan.bias = self.stats.refit(plan.first, layer.kind != "MatMul")
+            plan.last, plan.bias = factorize.refit_last(
+                self.moments, plan.first, layer.kind != "MatMul"
+            )
         return plan
 
     def error(self, layer: Layer, plan: Plan) -> float:
         bias = plan.bias if plan.bias is not None else layer.bias
-        return self.stats.error(plan.last @ plan.first, bias)
-
-
-@dataclass
-class _Cost:
-    """A conv's weights and MACs, to move between layer reports when a fold merges nodes."""
-
-    params: int
-    itemsize: int
-    positions: int | None  # output rows, when shapes are known
-
-    @classmethod
-    def of(cls, node: ir.Node, ctx: PassContext, params: int | None = None) -> _Cost:
-        weight = node.inputs[1].const_value
-        shape = ctx.shapes.get(node.outputs[0].name or "")
-        known = bool(shape) and all(isinstance(d, int) for d in shape)
-        positions = shape[0] * math.prod(shape[2:]) if known else None
-        itemsize = int(weight.dtype.itemsize)
-        return cls(weight.size if params is None else params, itemsize, positions)
-
-    def book(self, layer: LayerReport, sign: int) -> None:
-        layer.params_after += sign * self.params
-        layer.bytes_after += sign * self.params * self.itemsize
-        if self.positions is not None and layer.macs_after is not None:
-            layer.macs_after += sign * self.params * self.positions
+        return factorize.output_error(self.moments, plan.last @ plan.first, bias)
 
 
 def _layer_report(layer: Layer, plan: Plan, positions, in_positions) -> LayerReport:
-    before = layer.matrix.size
     after = plan.params(layer)
-    itemsize = layer.weight.dtype.itemsize
-    return LayerReport(
-        node=node_label(layer.node),
-        op_type=layer.kind,
-        action="rewritten",
-        detail={"scheme": plan.scheme, **plan.ranks, "nodes": plan.node_names},
-        params_before=before,
-        params_after=after,
-        bytes_before=layer.weight.nbytes,
-        bytes_after=after * itemsize,
-        macs_before=layer.macs(positions, in_positions) if positions else None,
-        macs_after=plan.macs(layer, positions, in_positions) if positions else None,
-        weight_error=plan.weight_error,
+    macs = (
+        (layer.macs(positions, in_positions), plan.macs(layer, positions, in_positions))
+        if positions
+        else (None, None)
+    )
+    return LayerReport.rewritten(
+        layer.node,
+        {"scheme": plan.scheme, **plan.ranks, "nodes": plan.node_names},
+        original=layer.matrix,
+        restored=plan.last @ plan.first,
+        params=(layer.matrix.size, after),
+        nbytes=(layer.weight.nbytes, after * layer.weight.dtype.itemsize),
+        macs=macs,
         output_error=plan.output_error,
     )

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.emit import Namer, add_weight, tag
-
-if TYPE_CHECKING:
-    from onnxcompress.passes.lowrank import Layer
+from onnxcompress.emit import Emitter
+from onnxcompress.passes.lowrank.layer import Layer
 
 _SPATIAL_ATTRIBUTES = ("auto_pad", "pads", "strides", "dilations", "kernel_shape")
 
@@ -30,7 +28,6 @@ class Plan:
     first: np.ndarray
     last: np.ndarray | None = None
     bias: np.ndarray | None = None
-    weight_error: float = 0.0
     output_error: float | None = None
     node_names: list[str] = field(default_factory=list)
 
@@ -68,11 +65,11 @@ class Plan:
         return first + (rank_out * rank_in * taps + out_channels * rank_out) * positions
 
 
-def rewrite(graph: ir.Graph, layer: Layer, plan: Plan, namer: Namer, pass_name: str) -> None:
+def rewrite(emitter: Emitter, layer: Layer, plan: Plan) -> None:
     """Replace the layer's node by the plan's nodes, in place."""
     node = layer.node
     base = node.name or f"{node.op_type}_{node.outputs[0].name}"
-    weights = _Weights(graph, namer, node.inputs[1].name, layer.weight.dtype)
+    weights = _Weights(emitter, node.inputs[1].name, layer.weight.dtype)
     if node.op_type == "MatMul":
         nodes = _matmul_nodes(node, plan, weights)
     elif node.op_type == "Gemm":
@@ -82,27 +79,26 @@ def rewrite(graph: ir.Graph, layer: Layer, plan: Plan, namer: Namer, pass_name: 
     else:
         nodes = _conv_nodes(node, layer, plan, weights)
     for i, new in enumerate(nodes):
-        new.name = namer.fresh(f"{base}.lowrank.{i}")
-        tag(new, pass_name)
-        if i < len(nodes) - 1:
-            new.outputs[0].name = namer.fresh(f"{base}.lowrank.{i}.out")
+        output = f"{base}.lowrank.{i}.out" if i < len(nodes) - 1 else None
+        emitter.adopt(new, f"{base}.lowrank.{i}", output)
     plan.node_names = [n.name for n in nodes]
     ir.convenience.replace_nodes_and_values(
-        graph, node, [node], nodes, [node.outputs[0]], [nodes[-1].outputs[0]]
+        emitter.graph, node, [node], nodes, [node.outputs[0]], [nodes[-1].outputs[0]]
     )
 
 
 class _Weights:
-    """New initializers named after the weight they replace, in its dtype."""
+    """New initializers named after the weight they replace (``W.lowrank.0``, ``.1``…), in its
+    dtype."""
 
-    def __init__(self, graph: ir.Graph, namer: Namer, base: str, dtype: np.dtype) -> None:
-        self.graph, self.namer, self.base, self.dtype = graph, namer, base, dtype
+    def __init__(self, emitter: Emitter, base: str, dtype: np.dtype) -> None:
+        self.emitter, self.base, self.dtype = emitter, base, dtype
         self.count = 0
 
     def add(self, array: np.ndarray, suffix: str | None = None) -> ir.Value:
         name = f"{self.base}.lowrank.{suffix if suffix is not None else self.count}"
         self.count += suffix is None
-        return add_weight(self.graph, self.namer, name, np.ascontiguousarray(array, self.dtype))
+        return self.emitter.constant(name, np.ascontiguousarray(array, self.dtype))
 
 
 def _matmul_nodes(node: ir.Node, plan: Plan, weights: _Weights) -> list[ir.Node]:

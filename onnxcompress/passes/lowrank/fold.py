@@ -10,14 +10,73 @@ node and its MACs (onnxruntime spends ~10 µs per small conv on a CPU). RFB-styl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.emit import Namer, add_weight
-from onnxcompress.graph import node_label, weight_array, weight_problem
+from onnxcompress.emit import Emitter
+from onnxcompress.graph import Shapes, node_label, weight_array, weight_problem
+from onnxcompress.passes.base import LayerReport, PassReport
+
+
+def fold_rewrites(
+    emitter: Emitter,
+    report: PassReport,
+    shapes: Shapes,
+    protected: Callable[[ir.Node], bool],
+) -> None:
+    """Merge each rewrite's last 1×1 conv into a linear 1×1 conv it feeds, if any, and move
+    the weights and MACs between the layer reports accordingly."""
+    by_node = {layer.detail["nodes"][-1]: layer for layer in report.rewritten}
+    nodes = {node.name: node for node in emitter.graph if node.name in by_node}
+    costs = {name: _Cost.of(node, shapes) for name, node in nodes.items()}  # before they go
+
+    def ours(node: ir.Node) -> bool:
+        return node.name in by_node
+
+    for name in by_node:
+        node = nodes.get(name)
+        if node is None or node.graph is None:  # already merged with a sibling
+            continue
+        folded = fold_pointwise(emitter, node, ours, protected)
+        if folded is None:
+            continue
+        into = node_label(folded.into)
+        for gone in folded.removed:
+            layer = by_node[gone]
+            layer.detail["nodes"] = [n for n in layer.detail["nodes"] if n != gone]
+            layer.detail["merged_into"] = into
+            costs[gone].book(layer, -1)
+        # the absorbing conv narrows (or keeps its width): booked on the first merged layer
+        absorbing = _Cost.of(folded.into, shapes, params=folded.params_delta)
+        absorbing.book(by_node[folded.removed[0]], +1)
+
+
+@dataclass
+class _Cost:
+    """A conv's weights and MACs, to move between layer reports when a fold merges nodes."""
+
+    params: int
+    itemsize: int
+    positions: int | None  # output rows, when shapes are known
+
+    @classmethod
+    def of(cls, node: ir.Node, shapes: Shapes, params: int | None = None) -> _Cost:
+        weight = node.inputs[1].const_value
+        shape = shapes.get(node.outputs[0].name or "")
+        known = bool(shape) and all(isinstance(d, int) for d in shape)
+        positions = shape[0] * math.prod(shape[2:]) if known else None
+        itemsize = int(weight.dtype.itemsize)
+        return cls(weight.size if params is None else params, itemsize, positions)
+
+    def book(self, layer: LayerReport, sign: int) -> None:
+        layer.params_after += sign * self.params
+        layer.bytes_after += sign * self.params * self.itemsize
+        if self.positions is not None and layer.macs_after is not None:
+            layer.macs_after += sign * self.params * self.positions
 
 
 @dataclass
@@ -30,9 +89,8 @@ class Folded:
 
 
 def fold_pointwise(
-    graph: ir.Graph,
+    emitter: Emitter,
     node: ir.Node,
-    namer: Namer,
     ours: Callable[[ir.Node], bool],
     protected: Callable[[ir.Node], bool],
 ) -> Folded | None:
@@ -53,10 +111,10 @@ def fold_pointwise(
     if via is None and reader.inputs[0] is not node.outputs[0]:
         return None
     sources = list(via.inputs) if via is not None else [node.outputs[0]]
-    return _fold(graph, namer, reader, via, sources, ours)
+    return _fold(emitter, reader, via, sources, ours)
 
 
-def _fold(graph, namer, reader: ir.Node, via: ir.Node | None, sources, ours) -> Folded | None:
+def _fold(emitter: Emitter, reader: ir.Node, via: ir.Node | None, sources, ours) -> Folded | None:
     weight = weight_array(reader.inputs[1])
     outer = weight.reshape(weight.shape[0], -1).astype(np.float64)  # [O2, ΣC]
     bias = _bias(reader, outer.shape[0])
@@ -82,17 +140,15 @@ def _fold(graph, namer, reader: ir.Node, via: ir.Node | None, sources, ours) -> 
     merged = np.concatenate(blocks, axis=1)
     if not folded or merged.shape[1] > outer.shape[1]:  # never widen the absorbing conv
         return None
-    _rewire(graph, namer, reader, via, new_sources, folded, merged, new_bias, weight)
+    _rewire(emitter, reader, via, new_sources, folded, merged, new_bias, weight)
     return Folded(reader, [p.name for p in folded], int(merged.size - outer.size))
 
 
-def _rewire(graph, namer, reader, via, sources, folded, merged, bias, weight) -> None:
+def _rewire(emitter: Emitter, reader, via, sources, folded, merged, bias, weight) -> None:
     base = reader.name or node_label(reader)
     shape = (merged.shape[0], merged.shape[1], *weight.shape[2:])
-    new_weight = add_weight(
-        graph, namer, f"{base}.folded", merged.reshape(shape).astype(weight.dtype)
-    )
-    new_bias = add_weight(graph, namer, f"{base}.folded_bias", bias.astype(weight.dtype))
+    new_weight = emitter.constant(f"{base}.folded", merged.reshape(shape).astype(weight.dtype))
+    new_bias = emitter.constant(f"{base}.folded_bias", bias.astype(weight.dtype))
     if via is not None:
         for index, value in enumerate(sources):
             via.replace_input_with(index, value)
@@ -103,7 +159,7 @@ def _rewire(graph, namer, reader, via, sources, folded, merged, bias, weight) ->
         reader.resize_inputs(3)
     reader.replace_input_with(2, new_bias)
     for producer in folded:
-        graph.remove(producer, safe=True)
+        emitter.graph.remove(producer, safe=True)
 
 
 def _single_reader(value: ir.Value) -> ir.Node | None:

@@ -1,5 +1,6 @@
 """The numerics of lowrank, free of graphs: truncated SVD, Tucker-2, depthwise-separable fits,
-and the data-aware pieces (running input/output statistics, whitening, least-squares refits).
+and the data-aware pieces on a layer's calibration moments (``stats.SecondMoments``):
+whitening, least-squares refits, output errors.
 
 A layer is seen as ``y = M·x + b`` with ``M`` [O, D]: for a Conv, ``x`` is a patch (im2col row,
 D = C·prod(kernel)); for Gemm/MatMul it is a row of the left operand. Every scheme produces a
@@ -9,9 +10,10 @@ first stage ``F`` [r, D] (one or two ops before the last) and a last factor ``A`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
+
+from onnxcompress.stats import SecondMoments
 
 #: Relative damping added to covariance diagonals: dead (always-zero) inputs are common after
 #: ReLU and would make them singular.
@@ -27,20 +29,6 @@ def rank_for_energy(singular_values: np.ndarray, share: float) -> int:
     energy = np.cumsum(np.square(singular_values))
     total = energy[-1] if len(energy) and energy[-1] > 0 else 1.0
     return int(np.searchsorted(energy / total, share - 1e-12)) + 1
-
-
-def tail_error(singular_values: np.ndarray, rank: int) -> float:
-    """Relative Frobenius error of the best rank-``rank`` approximation."""
-    energy = np.square(singular_values)
-    total = float(energy.sum())
-    return math.sqrt(float(energy[rank:].sum()) / total) if total > 0 else 0.0
-
-
-def split_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(F [r, D], A [O, r]) with A·F the best rank-r approximation of ``matrix`` [O, D]."""
-    u, s, vt = svd(matrix)
-    root = np.sqrt(s[:rank])
-    return root[:, None] * vt[:rank], u[:, :rank] * root
 
 
 def unfold_bases(weight: np.ndarray) -> tuple[tuple, tuple]:
@@ -113,61 +101,44 @@ def separable_first_stage(depthwise: np.ndarray, multiplier: int) -> np.ndarray:
     return first
 
 
-@dataclass
-class LayerStats:
-    """Running sums over calibration rows of the student's layer input x (augmented with 1)
-    and the teacher's layer output y. Bounded memory: (D+1)² + O·(D+1) numbers."""
+def output_error(moments: SecondMoments, matrix: np.ndarray, bias: np.ndarray | None) -> float:
+    """Relative output error |y - (M x + b)| / |y| over the calibration rows."""
+    affine = np.concatenate([matrix, _column(bias, matrix.shape[0])], axis=1)  # [O, D+1]
+    return moments.error(affine.T)
 
-    xx: np.ndarray  # sum x̃ x̃ᵀ, [D+1, D+1]
-    yx: np.ndarray  # sum y x̃ᵀ, [O, D+1]
-    yy: float = 0.0  # sum |y|^2
-    count: int = 0
 
-    @classmethod
-    def empty(cls, inputs: int, outputs: int) -> LayerStats:
-        return cls(np.zeros((inputs + 1, inputs + 1)), np.zeros((outputs, inputs + 1)))
+def refit_last(
+    moments: SecondMoments, first: np.ndarray, with_bias: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Least-squares last factor A [O, r] (and bias) given the first stage F [r, D]:
+    minimizes |y - (A F x + b)| on the calibration rows."""
+    rank, inputs = first.shape
+    lift = np.zeros((rank + 1, inputs + 1))
+    lift[:rank, :inputs] = first
+    lift[rank, inputs] = 1.0
+    if not with_bias:
+        lift = lift[:rank]
+    zz = lift @ moments.xx @ lift.T
+    zy = lift @ moments.xy
+    solution = np.linalg.solve(_damped(zz), zy).T
+    return (solution[:, :rank], solution[:, rank]) if with_bias else (solution, None)
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        x1 = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
-        y = y.astype(np.float64)
-        self.xx += x1.T @ x1
-        self.yx += y.T @ x1
-        self.yy += float(np.square(y).sum())
-        self.count += len(x)
 
-    def error(self, matrix: np.ndarray, bias: np.ndarray | None) -> float:
-        """Relative output error |y - (M x + b)| / |y| over the calibration rows."""
-        affine = np.concatenate([matrix, _column(bias, matrix.shape[0])], axis=1)
-        residual = self.yy - 2 * np.sum(affine * self.yx) + np.sum((affine @ self.xx) * affine)
-        return math.sqrt(max(residual, 0.0) / self.yy) if self.yy > 0 else 0.0
-
-    def refit(self, first: np.ndarray, with_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """Least-squares last factor A [O, r] (and bias) given the first stage F [r, D]:
-        minimizes |y - (A F x + b)| on the calibration rows."""
-        rank, inputs = first.shape
-        lift = np.zeros((rank + 1, inputs + 1))
-        lift[:rank, :inputs] = first
-        lift[rank, inputs] = 1.0
-        if not with_bias:
-            lift = lift[:rank]
-        zz = lift @ self.xx @ lift.T
-        yz = self.yx @ lift.T
-        solution = _solve_damped(zz, yz)
-        return (solution[:, :rank], solution[:, rank]) if with_bias else (solution, None)
-
-    def whitened_svd(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(s, vt, L) of the SVD of M·L where L Lᵀ is the centred input
-        covariance: truncating it minimizes the output error, not the weight error."""
-        inputs = matrix.shape[1]
-        mean = self.xx[:inputs, inputs] / max(self.count, 1)
-        covariance = self.xx[:inputs, :inputs] / max(self.count, 1) - np.outer(mean, mean)
-        lower = np.linalg.cholesky(_damped(covariance))
-        _, s, vt = np.linalg.svd(matrix @ lower, full_matrices=False)
-        return s, vt, lower
+def whitened_svd(
+    moments: SecondMoments, matrix: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(s, vt, L) of the SVD of M·L where L Lᵀ is the centred input covariance: truncating it
+    minimizes the output error, not the weight error."""
+    inputs = matrix.shape[1]
+    mean = moments.mean_input()
+    covariance = moments.xx[:inputs, :inputs] / max(moments.count, 1) - np.outer(mean, mean)
+    lower = np.linalg.cholesky(_damped(covariance))
+    _, s, vt = np.linalg.svd(matrix @ lower, full_matrices=False)
+    return s, vt, lower
 
 
 def refine_separable(
-    stats: LayerStats, depthwise: np.ndarray, multiplier: int, iterations: int = 3
+    moments: SecondMoments, depthwise: np.ndarray, multiplier: int, iterations: int = 3
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Alternating least squares on calibration data for a depthwise-separable pair: with the
     pointwise conv fixed the depthwise filters are linear in the output, and the other way
@@ -175,25 +146,25 @@ def refine_separable(
     pointwise [O, C·m], bias [O])."""
     kernel = depthwise.shape[2:]
     first = separable_first_stage(depthwise, multiplier)
-    pointwise, bias = stats.refit(first, with_bias=True)
+    pointwise, bias = refit_last(moments, first, with_bias=True)
     for _ in range(iterations):
-        depthwise = _depthwise_step(stats, pointwise, bias, multiplier).reshape(-1, 1, *kernel)
+        depthwise = _depthwise_step(moments, pointwise, bias, multiplier).reshape(-1, 1, *kernel)
         first = separable_first_stage(depthwise, multiplier)
-        pointwise, bias = stats.refit(first, with_bias=True)
+        pointwise, bias = refit_last(moments, first, with_bias=True)
     return depthwise, pointwise, bias
 
 
 def _depthwise_step(
-    stats: LayerStats, pointwise: np.ndarray, bias: np.ndarray, multiplier: int
+    moments: SecondMoments, pointwise: np.ndarray, bias: np.ndarray, multiplier: int
 ) -> np.ndarray:
     """Depthwise filters [C·m, k] minimizing |y - b - P·D(x)| with P and b fixed."""
-    inputs = stats.xx.shape[0] - 1
+    inputs = moments.inputs
     channels = pointwise.shape[1] // multiplier
     taps = inputs // channels
-    xx = stats.xx[:inputs, :inputs].reshape(channels, taps, channels, taps)
+    xx = moments.xx[:inputs, :inputs].reshape(channels, taps, channels, taps)
     gram = (pointwise.T @ pointwise).reshape(channels, multiplier, channels, multiplier)
     lhs = np.einsum("ajbk,atbs->ajtbks", gram, xx).reshape(channels * multiplier * taps, -1)
-    target = stats.yx[:, :inputs] - np.outer(bias, stats.xx[:inputs, inputs])  # sum (y-b) xᵀ
+    target = moments.xy[:inputs].T - np.outer(bias, moments.xx[:inputs, inputs])  # Σ (y-b) xᵀ
     rhs = np.einsum(
         "oaj,oat->ajt",
         pointwise.reshape(-1, channels, multiplier),
@@ -211,11 +182,6 @@ def whitened_first_stage(vt: np.ndarray, lower: np.ndarray, rank: int) -> np.nda
 def _damped(matrix: np.ndarray) -> np.ndarray:
     scale = float(np.trace(matrix)) / max(len(matrix), 1)
     return matrix + np.eye(len(matrix)) * max(scale, 1e-12) * DAMPING
-
-
-def _solve_damped(zz: np.ndarray, yz: np.ndarray) -> np.ndarray:
-    """Solve X·zz = yz for X (zz symmetric positive semi-definite)."""
-    return np.linalg.solve(_damped(zz), yz.T).T
 
 
 def _column(bias: np.ndarray | None, rows: int) -> np.ndarray:
