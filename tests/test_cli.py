@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.cli import main
 from tests.conftest import parse, run, sha256
-from tests.passes.test_lowrank import matmul_model
+from tests.passes.lowrank.test_lowrank import matmul_model
 
 LOWRANK = ["-p", "lowrank:rank=2"]
 

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from onnxcompress import BadModel, compress, model_io
 from onnxcompress.pipeline import Options
 from tests.conftest import run
-from tests.passes.test_lowrank import matmul_model
+from tests.passes.lowrank.test_lowrank import matmul_model
 
 RANK2 = ["lowrank:rank=2"]
 NO_VALIDATE = Options(validate=False)
