@@ -69,28 +69,44 @@ _dim_option = click.option(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class _FeedOptions:
+    """How feeds are built when a command needs them."""
+
+    dims: dict[str, int]
+    samples: int
+    batch_size: int
+    seed: int
+
+    def pipeline_options(self, validate: bool, **more: Any) -> Options:
+        return Options(self.dims, validate, self.samples, self.batch_size, seed=self.seed, **more)
+
+
 def _data_options(command):
-    """--dim, --samples, --batch-size, --seed: how feeds are built, shared by commands."""
-    for option in reversed(
-        [
-            _dim_option,
-            click.option(
-                "--samples",
-                default=8,
-                show_default=True,
-                help="Synthetic feeds when no data is given.",
-            ),
-            click.option(
-                "--batch-size",
-                default=8,
-                show_default=True,
-                help="Batch for data on a dynamic batch axis.",
-            ),
-            click.option("--seed", default=0, show_default=True, help="Seed for synthetic data."),
-        ]
-    ):
-        command = option(command)
-    return command
+    """--dim, --samples, --batch-size, --seed: how feeds are built, shared by commands; the
+    command receives them as one ``feed_options`` argument."""
+
+    @functools.wraps(command)
+    def wrapper(*args, dims, samples, batch_size, seed, **kwargs):
+        feeds = _FeedOptions(parse_dims(dims), samples, batch_size, seed)
+        return command(*args, feed_options=feeds, **kwargs)
+
+    options = [
+        _dim_option,
+        click.option(
+            "--samples", default=8, show_default=True, help="Synthetic feeds when no data is given."
+        ),
+        click.option(
+            "--batch-size",
+            default=8,
+            show_default=True,
+            help="Batch for data on a dynamic batch axis.",
+        ),
+        click.option("--seed", default=0, show_default=True, help="Seed for synthetic data."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def _recipe_options(command):
@@ -109,35 +125,37 @@ def _recipe_options(command):
 
 
 def _gate_options(command):
-    """--max-rel-error, --min-agreement, --gate-output: the user's tolerance."""
-    for option in reversed(
-        [
-            click.option(
-                "--max-rel-error",
-                type=float,
-                help="Fail if any output's relative L2 error exceeds this.",
-            ),
-            click.option(
-                "--min-agreement",
-                type=float,
-                help="Fail if any class-like output's top-1 agreement is below this.",
-            ),
-            click.option(
-                "--gate-output",
-                "gate_outputs",
-                multiple=True,
-                help="Apply the gates to this output only (repeatable).",
-            ),
-        ]
-    ):
-        command = option(command)
-    return command
+    """--max-rel-error, --min-agreement, --gate-output: the user's tolerance, given to the
+    command as one ``gates`` argument (None when no gate is set)."""
 
+    @functools.wraps(command)
+    def wrapper(*args, max_rel_error, min_agreement, gate_outputs, **kwargs):
+        gates = None
+        if max_rel_error is not None or min_agreement is not None:
+            gates = Gates(max_rel_error, min_agreement, tuple(gate_outputs))
+        return command(*args, gates=gates, **kwargs)
 
-def _gates(max_rel_error, min_agreement, gate_outputs) -> Gates | None:
-    if max_rel_error is None and min_agreement is None:
-        return None
-    return Gates(max_rel_error, min_agreement, tuple(gate_outputs))
+    options = [
+        click.option(
+            "--max-rel-error",
+            type=float,
+            help="Fail if any output's relative L2 error exceeds this.",
+        ),
+        click.option(
+            "--min-agreement",
+            type=float,
+            help="Fail if any class-like output's top-1 agreement is below this.",
+        ),
+        click.option(
+            "--gate-output",
+            "gate_outputs",
+            multiple=True,
+            help="Apply the gates to this output only (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def _recipe(passes: tuple[str, ...], recipe_file: str | None) -> Recipe:
@@ -179,9 +197,9 @@ def main(verbose: bool) -> None:
     default=None,
     help="Force weights into (or out of) a .data file; default: by size and input.",
 )
+@_handled
 @_gate_options
 @_data_options
-@_handled
 def compress(
     model,
     output,
@@ -195,26 +213,14 @@ def compress(
     no_validate,
     keep_failed,
     external_data,
-    max_rel_error,
-    min_agreement,
-    gate_outputs,
-    dims,
-    samples,
-    batch_size,
-    seed,
+    gates,
+    feed_options,
 ) -> None:
     """Compress MODEL with the given passes and print the report."""
     target = _output_path(model, output, in_place)
-    options = Options(
-        parse_dims(dims),
-        not no_validate,
-        samples,
-        batch_size,
-        seed=seed,
-        validation_data=validation_data,
-        progress=_progress(),
+    options = feed_options.pipeline_options(
+        not no_validate, validation_data=validation_data, progress=_progress()
     )
-    gates = _gates(max_rel_error, min_agreement, gate_outputs)
     if gates and no_validate:
         raise click.UsageError("gates need validation; drop --no-validate")
     try:
@@ -270,22 +276,17 @@ def inspect_command(model, as_json, dims) -> None:
 @click.option("--data", type=click.Path(), help="A .npz or a folder of .npy feeds.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--latency-runs", default=20, show_default=True, help="Timed runs per model.")
+@_handled
 @_gate_options
 @_data_options
-@_handled
 def validate_command(
     reference,
     candidate,
     data,
     as_json,
     latency_runs,
-    max_rel_error,
-    min_agreement,
-    gate_outputs,
-    dims,
-    samples,
-    batch_size,
-    seed,
+    gates,
+    feed_options,
 ) -> None:
     """Compare CANDIDATE with REFERENCE in onnxruntime: errors, agreement, latency."""
     from onnxcompress.normalize import check_opset, normalize
@@ -293,11 +294,11 @@ def validate_command(
     ref_model = model_io.load(reference).model
     check_opset(model_io.load(candidate).model)  # a clear error for a bad candidate first
     normalize(ref_model)
-    dim_values = parse_dims(dims)
+    sizes = feed_options
     feeds = (
-        load_feeds(data, ref_model, dim_values, batch_size)
+        load_feeds(data, ref_model, sizes.dims, sizes.batch_size)
         if data
-        else synthetic_feeds(ref_model, dim_values, samples, seed)
+        else synthetic_feeds(ref_model, sizes.dims, sizes.samples, sizes.seed)
     )
     result = validate(reference, candidate, feeds, latency_runs=latency_runs)
     click.echo(
@@ -305,8 +306,9 @@ def validate_command(
         if as_json
         else "\n".join(validation_table(result))
     )
-    gates = _gates(max_rel_error, min_agreement, gate_outputs)
-    failures = gate_failures(result, max_rel_error, min_agreement, gate_outputs) if gates else []
+    failures = []
+    if gates:
+        failures = gate_failures(result, gates.max_rel_error, gates.min_agreement, gates.outputs)
     if failures:
         raise _Fail("gate missed: " + "; ".join(failures), EXIT_GATE)
 
@@ -337,9 +339,9 @@ def passes() -> None:
 )
 @click.option("--jobs", default=1, show_default=True, help="Models compressed in parallel.")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime comparison.")
+@_handled
 @_gate_options
 @_data_options
-@_handled
 def batch(
     inputs,
     output_dir,
@@ -348,13 +350,8 @@ def batch(
     calibration,
     jobs,
     no_validate,
-    max_rel_error,
-    min_agreement,
-    gate_outputs,
-    dims,
-    samples,
-    batch_size,
-    seed,
+    gates,
+    feed_options,
 ) -> None:
     """Compress many models (files, folders, globs) into OUTPUT_DIR; exit 1 if any failed."""
     recipe = _recipe(passes, recipe_file)
@@ -365,8 +362,8 @@ def batch(
     job = {
         "recipe": recipe.to_dict(),
         "calibration": calibration,
-        "gates": _gates(max_rel_error, min_agreement, gate_outputs),
-        "options": Options(parse_dims(dims), not no_validate, samples, batch_size, seed=seed),
+        "gates": gates,
+        "options": feed_options.pipeline_options(not no_validate),
     }
     targets = _targets(models, output_dir)
     results = _run_batch(models, targets, job, jobs)
