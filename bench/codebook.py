@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from fixtures.mnist import default_real_dir, mnist_split  # noqa: E402
 from onnxcompress import Options, compress, load, save, synthetic_feeds  # noqa: E402
-from onnxcompress.passes.codebook_fit import fit_scalar, kmeans_1d  # noqa: E402
+from onnxcompress.passes.codebook.fit import fit_scalar, kmeans_1d  # noqa: E402
 from onnxcompress.report import table  # noqa: E402
 from onnxcompress.validate import Runner, compare, measure_latency  # noqa: E402
 

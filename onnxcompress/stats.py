@@ -87,16 +87,21 @@ class SecondMoments:
     yy: float = 0.0
     count: int = 0
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+    def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        """Add matching rows of x and y; without ``y`` only Σ x̃x̃ᵀ grows (a Gram matrix of
+        the inputs: ``xy``, ``yy`` and ``error`` are then left unset)."""
         x = x.astype(self.product_dtype)
         if self.intercept:
             x = np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1)
-        y = y.astype(self.product_dtype)
-        xx, xy = (x.T @ x).astype(np.float64), (x.T @ y).astype(np.float64)
+        xx = (x.T @ x).astype(np.float64)
         self.xx = xx if self.xx is None else self.xx + xx
+        self.count += len(x)
+        if y is None:
+            return
+        y = y.astype(self.product_dtype)
+        xy = (x.T @ y).astype(np.float64)
         self.xy = xy if self.xy is None else self.xy + xy
         self.yy += float(np.square(y, dtype=np.float64).sum())
-        self.count += len(x)
 
     @property
     def inputs(self) -> int:

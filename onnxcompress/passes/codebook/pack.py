@@ -1,4 +1,5 @@
-"""Sub-byte index storage for the codebook pass: pack in numpy, unpack in the ONNX graph.
+"""Sub-byte index storage for the codebook pass: pack (and, to check, unpack) in numpy; the
+decoder graph (``decoder.py``) unpacks with the same steps.
 
 Layouts, for indices ``[G, M]`` of ``bits`` each (all decoded with standard ops that
 onnxruntime constant-folds at session creation):
@@ -15,17 +16,16 @@ Each row is padded to whole bytes; the decoder slices the padding off.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_ir as ir
 
 #: ONNX's 4-bit integer types (and onnxruntime's Cast from them) start at opset 21.
 UINT4_OPSET = 21
 
 
 def layout_for(bits: int, opset: int) -> str:
+    """The storage layout of ``bits``-bit indices in a model of default-domain ``opset``."""
     if bits == 8:
         return "uint8"
     if bits == 4 and opset >= UINT4_OPSET:
@@ -64,15 +64,23 @@ def field_shifts(bits: int, layout: str) -> np.ndarray:
     return (np.arange(8 // step, dtype=np.uint8) * step)[:, None]
 
 
+def field_modulus(bits: int, layout: str) -> int:
+    """What each shifted-down field is reduced modulo: 2^bits, or 2 for one bit plane."""
+    return (1 << bits) if layout == "fields" else 2
+
+
+def plane_powers(bits: int) -> np.ndarray:
+    """2^p for bit plane p, shaped to weigh the planes axis of an unpacked ``planes`` store."""
+    return (1 << np.arange(bits, dtype=np.int64)).reshape(bits, 1, 1, 1, 1)
+
+
 def unpack(stored: np.ndarray, bits: int, layout: str, count: int) -> np.ndarray:
     """Inverse of :func:`pack` in numpy, the same steps as the decoder graph: ``[G, count]``."""
     if layout in ("uint8", "uint4"):
         return np.asarray(stored[:, :, 0], np.uint8)
-    modulus = (1 << bits) if layout == "fields" else 2
-    values = (stored >> field_shifts(bits, layout)) % modulus
+    values = (stored >> field_shifts(bits, layout)) % field_modulus(bits, layout)
     if layout == "planes":
-        powers = (1 << np.arange(bits, dtype=np.int64)).reshape(bits, 1, 1, 1, 1)
-        values = (values.astype(np.int64) * powers).sum(0)
+        values = (values.astype(np.int64) * plane_powers(bits)).sum(0)
     return values.reshape(values.shape[0], -1)[:, :count].astype(np.uint8)
 
 
@@ -90,45 +98,27 @@ def _pad(indices: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(indices, ((0, 0), (0, extra))) if extra else indices
 
 
-@dataclass
-class Decoder:
-    """Builds the nodes that turn stored indices into int64 ``[G, M, 1]`` for GatherND."""
+@dataclass(frozen=True)
+class PackedIndices:
+    """Indices ``[groups, count]`` of ``bits`` each, as stored in ``layout``."""
 
-    graph_nodes: list[ir.Node]
-    new_constant: Callable[[str, np.ndarray], ir.Value]  # registers an initializer
-    shared_constant: Callable[
-        [str, np.ndarray], ir.Value
-    ]  # same, but one initializer per distinct array in the model
+    stored: np.ndarray
+    bits: int
+    layout: str
+    groups: int
+    count: int
 
-    def indices(
-        self, stored: ir.Value, bits: int, layout: str, rows: int, count: int, flat: bool
-    ) -> ir.Value:
-        """int64 indices shaped ``[G, ..., 1]`` (``[G, count, 1]`` if padded or ``flat``)."""
-        if layout in ("uint8", "uint4"):
-            return self._op("Cast", [stored], to=ir.DataType.INT64)
-        shifts = self.shared_constant("shifts", field_shifts(bits, layout))
-        modulus = np.uint8((1 << bits) if layout == "fields" else 2)
-        shifted = self._op("BitShift", [stored, shifts], direction="RIGHT")
-        fields = self._op("Mod", [shifted, self.shared_constant("modulus", modulus)])
-        unpacked = self._op("Cast", [fields], to=ir.DataType.INT64)
-        if layout == "planes":
-            powers = (1 << np.arange(bits, dtype=np.int64)).reshape(bits, 1, 1, 1, 1)
-            weighted = self._op("Mul", [unpacked, self.shared_constant("powers", powers)])
-            axis = self.shared_constant("axis0", np.array([0], np.int64))
-            unpacked = self._op("ReduceSum", [weighted, axis], keepdims=0)
-        padded = padded_count(tuple(stored.shape), bits, layout)
-        if padded == count and not flat:
-            return unpacked
-        shape = self.new_constant("shape", np.array([rows, padded, 1], np.int64))
-        rows_of_indices = self._op("Reshape", [unpacked, shape])
-        if padded == count:
-            return rows_of_indices
-        starts = self.shared_constant("zero", np.array([0], np.int64))
-        ends = self.new_constant("count", np.array([count], np.int64))
-        axes = self.shared_constant("axis1", np.array([1], np.int64))
-        return self._op("Slice", [rows_of_indices, starts, ends, axes])
+    @classmethod
+    def of(cls, indices: np.ndarray, bits: int, opset: int) -> PackedIndices:
+        """``indices`` packed in the layout that a model of ``opset`` can decode."""
+        layout = layout_for(bits, opset)
+        groups, count = indices.shape
+        return cls(pack(indices, bits, layout), bits, layout, groups, count)
 
-    def _op(self, op_type: str, inputs: list[ir.Value], **attributes) -> ir.Value:
-        node = ir.node(op_type, inputs, attributes)
-        self.graph_nodes.append(node)
-        return node.outputs[0]
+    @property
+    def padded(self) -> int:
+        """Indices per row in the stored form, padding included."""
+        return padded_count(self.stored.shape, self.bits, self.layout)
+
+    def unpack(self) -> np.ndarray:
+        return unpack(self.stored, self.bits, self.layout, self.count)

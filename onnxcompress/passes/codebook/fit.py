@@ -1,12 +1,15 @@
-"""The numerics of the codebook pass: 1-D k-means, binarization, product quantization.
+"""Weight-space fits of the codebook pass: 1-D k-means, binarization, ternarization and
+product quantization.
 
-Every fitter takes the weight as rows ``[G, M]`` (one row per codebook) and returns
-``Fit(codebook [G, K, d], indices [G, N])``; scalar schemes have ``d = 1``.
+Every fitter takes the weight as rows ``[G, M]`` (one row per codebook; for product
+quantization sub-vectors ``[S, N, d]``, one codebook per subspace) and returns a
+``CodebookFit(codebook [G, K, d], indices [G, N])``; scalar schemes have ``d = 1``. What
+the fit stands for is decoded here in numpy exactly as the decoder graph computes it, so
+the reported error is the error of the emitted model.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,14 +27,24 @@ TERNARY_THRESHOLD = 0.7
 
 
 @dataclass
-class Fit:
+class CodebookFit:
+    """Codebooks and the index of each weight (or sub-vector) into its row's codebook."""
+
     codebook: np.ndarray  # [G, K, d] float64
     indices: np.ndarray  # [G, N] uint8, each < K
 
+    def gathered(self) -> np.ndarray:
+        """The codeword of every index, ``[G, N, d]`` (what GatherND computes)."""
+        return np.take_along_axis(self.codebook, self.indices[:, :, None].astype(np.int64), 1)
+
     def decode(self) -> np.ndarray:
         """The rows the codebook stands for, ``[G, N·d]``."""
-        gathered = np.take_along_axis(self.codebook, self.indices[:, :, None].astype(np.int64), 1)
-        return gathered.reshape(len(self.codebook), -1)
+        return self.gathered().reshape(len(self.codebook), -1)
+
+    def product_rows(self) -> np.ndarray:
+        """For product quantization (one codebook per subspace, indices ``[S, N]``): the N
+        rows ``[N, S·d]`` in input coordinates, subspace after subspace."""
+        return self.gathered().transpose(1, 0, 2).reshape(self.indices.shape[1], -1)
 
 
 def fit_scalar(
@@ -40,7 +53,7 @@ def fit_scalar(
     init: str = "linear",
     zero_share: float = 0.05,
     rng: np.random.Generator | None = None,
-) -> Fit:
+) -> CodebookFit:
     """k-means of each row's values with ``k`` centroids (the 1-D fast path)."""
     codebook = np.zeros((len(rows), k, 1))
     indices = np.zeros(rows.shape, np.uint8)
@@ -49,7 +62,7 @@ def fit_scalar(
         centroids, labels = kmeans_1d(row, k, init, zero_share, rng)
         codebook[g, : len(centroids), 0] = centroids
         indices[g] = labels
-    return Fit(codebook, indices)
+    return CodebookFit(codebook, indices)
 
 
 def kmeans_1d(
@@ -136,14 +149,14 @@ def _initial_centroids(
     return np.sort(np.array(chosen))
 
 
-def fit_binary(rows: np.ndarray) -> Fit:
+def fit_binary(rows: np.ndarray) -> CodebookFit:
     """α·sign(W) per row with α = mean|W| (the closed-form optimum of XNOR-Net's BWN)."""
     alpha = np.abs(rows).mean(axis=1)
     codebook = np.stack([-alpha, alpha], axis=1)[:, :, None]
-    return Fit(codebook, (rows >= 0).astype(np.uint8))
+    return CodebookFit(codebook, (rows >= 0).astype(np.uint8))
 
 
-def fit_ternary(rows: np.ndarray) -> Fit:
+def fit_ternary(rows: np.ndarray) -> CodebookFit:
     """{-α, 0, +α} per row (TWN): threshold Δ = 0.7·mean|W|, α = mean|W| above it."""
     magnitude = np.abs(rows)
     delta = TERNARY_THRESHOLD * magnitude.mean(axis=1, keepdims=True)
@@ -152,10 +165,10 @@ def fit_ternary(rows: np.ndarray) -> Fit:
     zero = np.zeros_like(alpha)
     codebook = np.stack([-alpha, zero, alpha, zero], axis=1)[:, :, None]
     indices = np.where(kept, np.where(rows > 0, 2, 0), 1).astype(np.uint8)
-    return Fit(codebook, indices)
+    return CodebookFit(codebook, indices)
 
 
-def fit_product(vectors: np.ndarray, k: int, seed: int) -> Fit:
+def fit_product(vectors: np.ndarray, k: int, seed: int) -> CodebookFit:
     """Product quantization: k-means per subspace. ``vectors`` is ``[S, N, d]``."""
     from sklearn.cluster import KMeans  # imported here: only PQ needs it
 
@@ -171,7 +184,7 @@ def fit_product(vectors: np.ndarray, k: int, seed: int) -> Fit:
         model = KMeans(n_clusters=k, n_init=1, random_state=seed + s, max_iter=100)
         indices[s] = model.fit_predict(points)
         codebook[s] = model.cluster_centers_
-    return Fit(codebook, indices)
+    return CodebookFit(codebook, indices)
 
 
 def _nearest(codewords: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -183,86 +196,3 @@ def _nearest(codewords: np.ndarray, points: np.ndarray) -> np.ndarray:
         distance = np.square(chunk[:, None, :] - codewords[None]).sum(-1)
         labels[start : start + step] = distance.argmin(1)
     return labels
-
-
-def refine_product(
-    vectors: np.ndarray, fit: Fit, gram: np.ndarray, sweeps: int = 2
-) -> tuple[Fit, float, float]:
-    """Codewords that minimize the layer's output error, not the weight error (Q-CNN).
-
-    ``vectors`` ``[S, N, d]`` are the sub-vectors of N output rows, each row an input-space
-    vector whose subspace s is ``vectors[s, j]``; ``gram`` is E[x xᵀ] of the layer's input
-    (over the same input coordinates). For fixed assignments the error Σⱼ eⱼᵀ G eⱼ is
-    quadratic in the codewords of one subspace, so each subspace is solved in closed form
-    holding the others fixed. Returns the fit and the output error before and after.
-    """
-    subspaces, count, dim = vectors.shape
-    weight = vectors.transpose(1, 0, 2).reshape(count, -1)  # rows in input coordinates
-    codebook = fit.codebook.copy()
-    before = _output_error(weight, _rebuild(codebook, fit.indices), gram)
-    for _ in range(sweeps):
-        for s in range(subspaces):
-            span = slice(s * dim, (s + 1) * dim)
-            residual = weight - _rebuild(codebook, fit.indices)
-            residual[:, span] = weight[:, span]  # what subspace s has to explain
-            pulled = residual @ gram[:, span]  # (G aⱼ)_s for every row j
-            block = gram[span, span] + _ridge(gram) * np.eye(dim)
-            for c in np.unique(fit.indices[s]):
-                members = fit.indices[s] == c
-                target = pulled[members].mean(0)
-                codebook[s, c] = np.linalg.solve(block, target)
-    after = _output_error(weight, _rebuild(codebook, fit.indices), gram)
-    if after > before:  # numerical trouble: keep the weight-space fit
-        return fit, before, before
-    return Fit(codebook, fit.indices), before, after
-
-
-def _rebuild(codebook: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """Rows ``[N, S·d]`` from per-subspace codewords and indices ``[S, N]``."""
-    gathered = np.take_along_axis(codebook, indices[:, :, None].astype(np.int64), 1)
-    return gathered.transpose(1, 0, 2).reshape(indices.shape[1], -1)
-
-
-def refine_scalar(rows: np.ndarray, fit: Fit, gram: np.ndarray) -> tuple[Fit, float, float]:
-    """Centroids that minimize the output error of each output row, assignments fixed.
-
-    ``rows`` ``[N, k]`` are output rows in input coordinates, one codebook each (per-channel
-    codebooks of a fully connected layer); for row j with one-hot assignment A the error
-    (A c − w)ᵀ G (A c − w) is minimized by (Aᵀ G A) c = Aᵀ G w.
-    """
-    codebook = fit.codebook.copy()
-    ridge = _ridge(gram)
-    pulled_all = rows @ gram  # (G w)ᵀ for every row
-    for j, labels in enumerate(fit.indices):
-        used, system = _cluster_gram(gram, labels)
-        system += ridge * np.eye(len(used))
-        target = np.bincount(labels, weights=pulled_all[j], minlength=codebook.shape[1])[used]
-        codebook[j, used, 0] = np.linalg.solve(system, target)
-    new = Fit(codebook, fit.indices)
-    before = _output_error(rows, fit.decode(), gram)
-    after = _output_error(rows, new.decode(), gram)
-    return (new, before, after) if after <= before else (fit, before, before)
-
-
-def _cluster_gram(gram: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Aᵀ G A for one-hot assignments A, by summing G's rows and columns per cluster.
-
-    O(k²) instead of the O(k²·K) of the matrix products; returns the used labels too.
-    """
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-    columns = np.add.reduceat(gram[:, order], starts, axis=1)  # G A
-    return sorted_labels[starts], np.add.reduceat(columns[order], starts, axis=0)
-
-
-def _ridge(gram: np.ndarray) -> float:
-    return 1e-6 * float(np.trace(gram)) / max(len(gram), 1) + 1e-12
-
-
-def _output_error(weight: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
-    """Relative output error sqrt(Σ eᵀGe / Σ wᵀGw) over rows."""
-    diff = weight - approx
-    num = float(np.einsum("ij,jk,ik->", diff, gram, diff))
-    den = float(np.einsum("ij,jk,ik->", weight, gram, weight))
-    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0

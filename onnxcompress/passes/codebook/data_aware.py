@@ -1,0 +1,126 @@
+"""Calibration statistics for the data-aware codebook: per layer, the input mean (for bias
+correction) and, for fully connected layers, the input Gram matrix E[x xᵀ] (for refining the
+codewords against the output error), gathered in one sweep over the calibration feeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.calibration import Feed
+from onnxcompress.emit import Emitter
+from onnxcompress.errors import CannotRun
+from onnxcompress.graph import weight_axes
+from onnxcompress.stats import ChannelMean, SecondMoments, captured, output_shift
+
+#: Gram matrices are kept for inputs up to this many features, and this many bytes in all.
+MAX_GRAM_FEATURES = 4096
+GRAM_BUDGET_BYTES = 512 << 20
+_LABEL = "model for calibration statistics"
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """What the calibration data says about one layer's input."""
+
+    node: ir.Node  # the Conv/Gemm/MatMul that reads the weight
+    mean: np.ndarray  # E[x] per input channel (Conv) or feature (Gemm/MatMul)
+    gram: np.ndarray | None  # E[x xᵀ] over the input features (fully connected layers)
+
+
+class _Accumulator:
+    """Running sums of one layer's input, a batch at a time."""
+
+    def __init__(self, node: ir.Node, conv: bool, want_gram: bool) -> None:
+        self.node = node
+        self.channels = ChannelMean(axis=1 if conv else -1)
+        self.moments = SecondMoments(intercept=False) if want_gram else None
+
+    def add(self, activation: np.ndarray) -> None:
+        self.channels.add(activation)
+        if self.moments is not None:
+            self.moments.add(activation.reshape(-1, activation.shape[-1]))
+
+    def finish(self) -> InputStats:
+        mean = self.channels.mean
+        if mean is None:
+            raise RuntimeError(f"internal: no calibration batch reached {self.node.name}")
+        gram = None
+        if self.moments is not None:
+            gram = self.moments.xx / max(self.moments.count, 1)
+        return InputStats(self.node, mean, gram)
+
+
+def collect_stats(
+    model: ir.Model, weights: list[ir.Value], feeds: list[Feed], with_gram: bool
+) -> tuple[dict[str, InputStats], list[str]]:
+    """Input statistics of every layer whose weight is in ``weights``, over ``feeds``, by
+    weight name; and notes for the report."""
+    if not feeds:
+        return {}, ["data_aware: no calibration feeds, nothing refined"]
+    layers = _accumulators(weights, with_gram)
+    if not layers:
+        return {}, ["data_aware: no Conv/Gemm/MatMul weight with a single use to refine"]
+    names = [layer.node.inputs[0].name for layer in layers.values()]
+    try:
+        for activations in captured(model, names, feeds, _LABEL):
+            for layer in layers.values():
+                layer.add(activations[layer.node.inputs[0].name])
+    except CannotRun as exc:
+        return {}, [f"data_aware: statistics failed ({exc}); nothing refined"]
+    stats = {name: layer.finish() for name, layer in layers.items()}
+    return stats, [f"data_aware: statistics of {len(stats)} layer input(s) on {len(feeds)} feed(s)"]
+
+
+def _accumulators(weights: list[ir.Value], with_gram: bool) -> dict[str, _Accumulator]:
+    """One accumulator per weight read by a single layer; Gram matrices while they fit
+    ``MAX_GRAM_FEATURES`` and, in all, ``GRAM_BUDGET_BYTES``."""
+    layers: dict[str, _Accumulator] = {}
+    budget = GRAM_BUDGET_BYTES
+    for value in weights:
+        node = _layer_of(value)
+        if node is None:
+            continue
+        conv = node.op_type == "Conv"
+        features = value.const_value.shape[weight_axes(node).reduced]
+        want = with_gram and not conv and features <= MAX_GRAM_FEATURES
+        want = want and budget >= 8 * features * features
+        budget -= 8 * features * features if want else 0
+        layers[value.name] = _Accumulator(node, conv, want)
+    return layers
+
+
+def _layer_of(value: ir.Value) -> ir.Node | None:
+    """The one Conv, Gemm (transA=0) or 2-D MatMul reading ``value`` as its weight."""
+    uses = value.uses()
+    if len(uses) != 1:
+        return None
+    node, index = uses[0]
+    if index != 1 or node.inputs[0] is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Conv":
+        return node
+    if node.op_type == "Gemm" and not node.attributes.get_int("transA", 0):
+        return node
+    if node.op_type == "MatMul" and len(value.const_value.shape) == 2:
+        return node
+    return None
+
+
+def correct_bias(
+    emitter: Emitter, value: ir.Value, weight: np.ndarray, approx: np.ndarray, stats: InputStats
+) -> dict:
+    """Shift the layer's bias by the mean output error the new weight causes on the data
+    (a Conv/Gemm without a bias gets one)."""
+    delta = (approx - weight).astype(np.float64)
+    shift = output_shift(stats.node, delta, stats.mean)
+    if shift is None:
+        return {"bias_correction": "weight layout not understood"}
+    if not np.any(shift):  # an exact fit: nothing to correct, and no bias worth adding
+        return {"bias_correction": 0.0}
+    problem = emitter.shift_bias(stats.node, -shift, f"{value.name}.codebook.bias")
+    if problem is not None:
+        return {"bias_correction": problem}
+    return {"bias_correction": float(np.abs(shift).max(initial=0.0))}

@@ -1,0 +1,161 @@
+"""The decoder graphs of the codebook pass: stored indices and codebooks in, the weight out.
+
+Per weight: unpack the indices (``pack.py`` documents the layouts) to int64 ``[G, M, 1]``,
+GatherND them from the codebooks ``[G, K, d]`` (batch_dims=1: one codebook per row), then
+reshape (and transpose) back to the weight's shape. Every input is an initializer, so
+onnxruntime folds the decoder at session creation and runs the model at full speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.emit import Emitter
+from onnxcompress.graph import default_opset
+from onnxcompress.passes.codebook.fit import CodebookFit
+from onnxcompress.passes.codebook.layout import ChannelLayout
+from onnxcompress.passes.codebook.pack import (
+    PackedIndices,
+    field_modulus,
+    field_shifts,
+    plane_powers,
+)
+
+#: BitShift (11), GatherND with batch_dims (12), ReduceSum with axes as an input (13).
+DECODE_OPSET = 13
+_SHARED_BASE = "codebook"  # small constants every decoder reads: named for the pass
+
+
+class DecoderBuilder:
+    """Emits the decoder of one weight after another, and counts the bytes each stores.
+
+    Decoder nodes and constants are named ``{weight}.codebook.{op or kind}`` and the decoded
+    weight ``{weight}.decoded``. Small constants that every decoder of the same layout reads
+    (shifts, moduli, axes) are made once per model and counted where first made."""
+
+    def __init__(self, model: ir.Model, pass_name: str) -> None:
+        self.emitter = Emitter(model, pass_name)
+        self.opset = default_opset(model) or DECODE_OPSET
+        self.nodes: list[ir.Node] = []
+        self.stored_bytes = 0  # of the current weight
+        self.detail: dict = {}  # of the current weight: bytes per kind, index layout
+        self._shared: dict[tuple, ir.Value] = {}
+        self._base = ""
+
+    def decoder(
+        self,
+        weight: ir.Value,
+        fit: CodebookFit,
+        layout: ChannelLayout,
+        bits: int,
+        *,
+        product: bool,
+        codebook_dtype: np.dtype,
+    ) -> ir.Value:
+        """The decoded replacement for ``weight`` (whose uses the caller moves to it).
+
+        ``product``: the rows of ``fit`` are subspaces (product quantization), transposed
+        back to channels after the gather."""
+        self._base, self.stored_bytes, self.detail = weight.name, 0, {}
+        packed = PackedIndices.of(fit.indices, bits, self.opset)
+        indices = self._indices(packed, flat=product)
+        table = self._stored("codebook", fit.codebook[:, : 1 << bits].astype(codebook_dtype))
+        gathered = self._op("GatherND", [table, indices], batch_dims=1)  # [G, count, d]
+        if product:
+            gathered = self._op("Transpose", [gathered], perm=[1, 0, 2])
+        decoded = self._reshaped(gathered, layout)
+        if np.dtype(codebook_dtype) != weight.const_value.dtype.numpy():
+            decoded = self._op("Cast", [decoded], to=weight.const_value.dtype)
+        self.detail["layout"] = packed.layout
+        decoded.name = self.emitter.namer.fresh(f"{self._base}.decoded")
+        return decoded
+
+    def insert_nodes(self) -> None:
+        """Decoders read only initializers, so they go first in the graph (still sorted)."""
+        if not self.nodes:
+            return
+        graph = self.emitter.graph
+        first = next(iter(graph), None)
+        if first is None:
+            graph.extend(self.nodes)
+        else:
+            graph.insert_before(first, self.nodes)
+
+    def _indices(self, packed: PackedIndices, flat: bool) -> ir.Value:
+        """int64 indices shaped ``[G, ..., 1]`` (``[G, count, 1]`` if padded or ``flat``)."""
+        stored = self._stored("indices", packed.stored)
+        if packed.layout in ("uint8", "uint4"):
+            return self._op("Cast", [stored], to=ir.DataType.INT64)
+        unpacked = self._unpacked_fields(stored, packed.bits, packed.layout)
+        if packed.padded == packed.count and not flat:
+            return unpacked
+        shape = self._constant("shape", np.array([packed.groups, packed.padded, 1], np.int64))
+        rows = self._op("Reshape", [unpacked, shape])
+        if packed.padded == packed.count:
+            return rows
+        starts = self._shared_constant("zero", np.array([0], np.int64))
+        ends = self._constant("count", np.array([packed.count], np.int64))
+        axes = self._shared_constant("axis1", np.array([1], np.int64))
+        return self._op("Slice", [rows, starts, ends, axes])
+
+    def _unpacked_fields(self, stored: ir.Value, bits: int, layout: str) -> ir.Value:
+        """The bit fields (or bit planes, summed) of the packed bytes, as int64."""
+        shifts = self._shared_constant("shifts", field_shifts(bits, layout))
+        modulus = self._shared_constant("modulus", np.uint8(field_modulus(bits, layout)))
+        shifted = self._op("BitShift", [stored, shifts], direction="RIGHT")
+        fields = self._op("Mod", [shifted, modulus])
+        unpacked = self._op("Cast", [fields], to=ir.DataType.INT64)
+        if layout != "planes":
+            return unpacked
+        weighted = self._op("Mul", [unpacked, self._shared_constant("powers", plane_powers(bits))])
+        axis = self._shared_constant("axis0", np.array([0], np.int64))
+        return self._op("ReduceSum", [weighted, axis], keepdims=0)
+
+    def _reshaped(self, gathered: ir.Value, layout: ChannelLayout) -> ir.Value:
+        """The gathered rows back in the weight's shape and axis order."""
+        shape = self._constant("shape", np.array(layout.channel_first_shape, np.int64))
+        decoded = self._op("Reshape", [gathered, shape])
+        if layout.transposed:
+            perm = [int(i) for i in np.argsort(layout.perm)]
+            decoded = self._op("Transpose", [decoded], perm=perm)
+        return decoded
+
+    def _stored(self, kind: str, array: np.ndarray) -> ir.Value:
+        """A constant that holds the weight's information (indices, codebooks), reported
+        as ``{kind}_bytes``."""
+        self.detail[f"{kind}_bytes"] = stored_nbytes(array)
+        return self._constant(kind, array)
+
+    def _constant(self, kind: str, array: np.ndarray) -> ir.Value:
+        self.stored_bytes += stored_nbytes(array)
+        return self.emitter.constant(f"{self._base}.codebook.{kind}", array)
+
+    def _shared_constant(self, kind: str, array: np.ndarray) -> ir.Value:
+        """One initializer per distinct small array in the model (counted where first made)."""
+        array = np.asarray(array)
+        key = (kind, array.dtype.str, array.shape, array.tobytes())
+        if key not in self._shared:
+            self.stored_bytes += stored_nbytes(array)
+            self._shared[key] = self.emitter.constant(f"{_SHARED_BASE}.codebook.{kind}", array)
+        return self._shared[key]
+
+    def _op(self, op_type: str, inputs: list[ir.Value], **attributes) -> ir.Value:
+        """A decoder node (inserted later, with all the others), and its output."""
+        node = self.emitter.node(
+            op_type, inputs, attributes, name=f"{self._base}.codebook.{op_type}"
+        )
+        output = node.outputs[0]
+        output.name = self.emitter.namer.fresh(f"{node.name}.out")
+        self.nodes.append(node)
+        return output
+
+
+def stored_nbytes(array: np.ndarray) -> int:
+    """Bytes as stored in the ONNX file (4-bit types pack two values a byte)."""
+    array = np.asarray(array)
+    if array.dtype.itemsize == 1 and "int4" in array.dtype.name:
+        return math.ceil(array.size / 2)
+    return int(array.nbytes)

@@ -1,0 +1,94 @@
+"""Data-aware refinement of a codebook fit: codewords that minimize a fully connected layer's
+output error on the calibration inputs, not the weight error (assignments held fixed).
+
+Both refiners take ``gram`` = E[x xᵀ] of the layer's input; an output error eᵀ G e is
+quadratic in the codewords, so each solve is closed-form. A refinement that would not lower
+the output error (numerical trouble) is dropped and the weight-space fit kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from onnxcompress.passes.codebook.fit import CodebookFit
+
+
+def refine_product(
+    vectors: np.ndarray, fit: CodebookFit, gram: np.ndarray, sweeps: int = 2
+) -> tuple[CodebookFit, float, float]:
+    """Codewords that minimize the layer's output error, not the weight error (Q-CNN).
+
+    ``vectors`` ``[S, N, d]`` are the sub-vectors of N output rows, each row an input-space
+    vector whose subspace s is ``vectors[s, j]``; ``gram`` is E[x xᵀ] of the layer's input
+    (over the same input coordinates). For fixed assignments the error Σⱼ eⱼᵀ G eⱼ is
+    quadratic in the codewords of one subspace, so each subspace is solved in closed form
+    holding the others fixed. Returns the fit and the output error before and after.
+    """
+    subspaces, count, dim = vectors.shape
+    weight = vectors.transpose(1, 0, 2).reshape(count, -1)  # rows in input coordinates
+    refined = CodebookFit(fit.codebook.copy(), fit.indices)  # codewords solved in place
+    before = _output_error(weight, fit.product_rows(), gram)
+    for _ in range(sweeps):
+        for s in range(subspaces):
+            span = slice(s * dim, (s + 1) * dim)
+            residual = weight - refined.product_rows()
+            residual[:, span] = weight[:, span]  # what subspace s has to explain
+            pulled = residual @ gram[:, span]  # (G aⱼ)_s for every row j
+            block = gram[span, span] + _ridge(gram) * np.eye(dim)
+            for c in np.unique(fit.indices[s]):
+                members = fit.indices[s] == c
+                target = pulled[members].mean(0)
+                refined.codebook[s, c] = np.linalg.solve(block, target)
+    after = _output_error(weight, refined.product_rows(), gram)
+    if after > before:  # numerical trouble: keep the weight-space fit
+        return fit, before, before
+    return refined, before, after
+
+
+def refine_scalar(
+    rows: np.ndarray, fit: CodebookFit, gram: np.ndarray
+) -> tuple[CodebookFit, float, float]:
+    """Centroids that minimize the output error of each output row, assignments fixed.
+
+    ``rows`` ``[N, k]`` are output rows in input coordinates, one codebook each (per-channel
+    codebooks of a fully connected layer); for row j with one-hot assignment A the error
+    (A c − w)ᵀ G (A c − w) is minimized by (Aᵀ G A) c = Aᵀ G w.
+    """
+    codebook = fit.codebook.copy()
+    ridge = _ridge(gram)
+    pulled_all = rows @ gram  # (G w)ᵀ for every row
+    for j, labels in enumerate(fit.indices):
+        used, system = _cluster_gram(gram, labels)
+        system += ridge * np.eye(len(used))
+        target = np.bincount(labels, weights=pulled_all[j], minlength=codebook.shape[1])[used]
+        codebook[j, used, 0] = np.linalg.solve(system, target)
+    new = CodebookFit(codebook, fit.indices)
+    before = _output_error(rows, fit.decode(), gram)
+    after = _output_error(rows, new.decode(), gram)
+    return (new, before, after) if after <= before else (fit, before, before)
+
+
+def _cluster_gram(gram: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Aᵀ G A for one-hot assignments A, by summing G's rows and columns per cluster.
+
+    O(k²) instead of the O(k²·K) of the matrix products; returns the used labels too.
+    """
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    columns = np.add.reduceat(gram[:, order], starts, axis=1)  # G A
+    return sorted_labels[starts], np.add.reduceat(columns[order], starts, axis=0)
+
+
+def _ridge(gram: np.ndarray) -> float:
+    return 1e-6 * float(np.trace(gram)) / max(len(gram), 1) + 1e-12
+
+
+def _output_error(weight: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
+    """Relative output error sqrt(Σ eᵀGe / Σ wᵀGw) over rows."""
+    diff = weight - approx
+    num = float(np.einsum("ij,jk,ik->", diff, gram, diff))
+    den = float(np.einsum("ij,jk,ik->", weight, gram, weight))
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
