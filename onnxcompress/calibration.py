@@ -228,5 +228,8 @@ def _check_feed(feed: Feed, specs: list[InputSpec], dims: Mapping[str, int]) -> 
                     f"input {spec.name!r}: data is {array.dtype}, the model expects {spec.dtype}"
                 )
             array = array.astype(spec.dtype)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            # one NaN spreads through every statistic and least-squares fit built on it
+            raise BadData(f"input {spec.name!r}: data holds NaN or infinite values")
         checked[spec.name] = array
     return checked

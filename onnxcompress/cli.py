@@ -366,6 +366,7 @@ def batch(
         "options": feed_options.pipeline_options(not no_validate),
     }
     targets = _targets(models, output_dir)
+    _refuse_batch_overwrites(models, targets, output_dir)
     results = _run_batch(models, targets, job, jobs)
     rows = [[r["model"], r["status"], r.get("ratio", "-"), r.get("detail", "")] for r in results]
     click.echo("\n".join(table(["model", "status", "params ratio", "detail"], rows, left=2)))
@@ -389,15 +390,36 @@ def _collect_models(inputs: tuple[str, ...]) -> list[Path]:
 
 
 def _targets(models: list[Path], output_dir: Path) -> list[Path]:
-    """One output per model; the same file name from two folders gets a numbered suffix."""
-    seen: dict[str, int] = {}
+    """One output per model; a file name already taken (the same name from two folders, or a
+    numbered name another member already has) gets the first free numbered suffix."""
+    taken = {model.name for model in models}
+    chosen: set[str] = set()
     targets = []
     for model in models:
-        count = seen.get(model.name, 0)
-        seen[model.name] = count + 1
-        name = model.name if count == 0 else f"{model.stem}-{count}{model.suffix}"
+        name, count = model.name, 0
+        while name in chosen or (count and name in taken):
+            count += 1
+            name = f"{model.stem}-{count}{model.suffix}"
+        chosen.add(name)
         targets.append(output_dir / name)
     return targets
+
+
+def _batch_outputs(target: Path) -> list[tuple[str, Path]]:
+    return [
+        ("output", target),
+        ("output's external data", model_io.data_file(target)),
+        ("report", target.with_suffix(".report.json")),
+    ]
+
+
+def _refuse_batch_overwrites(models: list[Path], targets: list[Path], output_dir: Path) -> None:
+    """Before any model runs: no output of the batch may be an input model or another output.
+    (An input's external data lies in its own folder, which then holds an input model that
+    an output would overwrite: refused the same way.)"""
+    outputs = [item for target in targets for item in _batch_outputs(target)]
+    outputs.append(("summary", output_dir / "summary.json"))
+    model_io.refuse_overwrites(outputs, [model for model in models if model.is_file()])
 
 
 def _run_batch(models, targets, job, jobs) -> list[dict[str, Any]]:

@@ -17,6 +17,14 @@ class BadData(OnnxCompressError):
     """Calibration or validation data is missing, malformed or does not match the model."""
 
 
+class BadOption(OnnxCompressError):
+    """An option's value makes no sense (a NaN or negative tolerance, an unknown output)."""
+
+
+class BadPath(OnnxCompressError):
+    """An output path cannot be written, or would overwrite an input or another output."""
+
+
 class RecipeError(OnnxCompressError):
     """A recipe names an unknown pass or option, or gives a bad value."""
 

@@ -8,16 +8,18 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from onnxcompress.errors import BadModel
+from onnxcompress.errors import BadModel, BadPath
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class Loaded:
     model: ir.Model
     kind: str  # "path", "bytes", "proto", "ir", "graphsurgeon"
     path: Path | None = None
+    notes: list[str] = field(default_factory=list)  # what loading changed (for the report)
     uses_external_data: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -49,15 +52,19 @@ def load(source: ModelLike) -> Loaded:
         return Loaded(source, "ir")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        return Loaded(_load_path(path), "path", path)
+        model, notes = _from_proto(_read_path(path), path.resolve().parent)
+        return Loaded(model, "path", path, notes)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return Loaded(_from_proto(_parse(bytes(source), "the given bytes"), None), "bytes")
+        model, notes = _from_proto(_parse(bytes(source), "the given bytes"), None)
+        return Loaded(model, "bytes", notes=notes)
     if isinstance(source, onnx.ModelProto):
-        return Loaded(_from_proto(source, None), "proto")
+        model, notes = _from_proto(source, None)
+        return Loaded(model, "proto", notes=notes)
     if _is_graphsurgeon_graph(source):
         import onnx_graphsurgeon as gs
 
-        return Loaded(_from_proto(gs.export_onnx(source), None), "graphsurgeon")
+        model, notes = _from_proto(gs.export_onnx(source), None)
+        return Loaded(model, "graphsurgeon", notes=notes)
     raise BadModel(f"cannot load a model from a {type(source).__name__}")
 
 
@@ -82,14 +89,14 @@ def _is_graphsurgeon_graph(obj: object) -> bool:
     return cls.__name__ == "Graph" and cls.__module__.startswith("onnx_graphsurgeon")
 
 
-def _load_path(path: Path) -> ir.Model:
+def _read_path(path: Path) -> onnx.ModelProto:
     if not path.exists():
         raise BadModel(f"{path}: no such file")
     if path.is_dir():
         raise BadModel(f"{path}: is a directory, not an ONNX file")
     if path.stat().st_size == 0:
         raise BadModel(f"{path}: is empty")
-    return _from_proto(_parse(path.read_bytes(), str(path)), path.resolve().parent)
+    return _parse(path.read_bytes(), str(path))
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -103,29 +110,66 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     return proto
 
 
-def _from_proto(proto: onnx.ModelProto, base_dir: Path | None) -> ir.Model:
+def _from_proto(proto: onnx.ModelProto, base_dir: Path | None) -> tuple[ir.Model, list[str]]:
+    """The model in onnx_ir form, and notes on what loading changed.
+
+    Every tensor the model holds (initializers, Constant and other tensor attributes, in
+    subgraphs and functions too) is checked before anything reads it: external data must lie
+    inside the model's folder."""
+    external = [t for t in all_tensor_protos(proto) if _is_external(t)]
+    if external and base_dir is None:
+        raise BadModel("the model references external data; load it from its file path")
+    for tensor in external:
+        check_external_location(tensor, base_dir)
+    notes = _densify_sparse_initializers(proto.graph)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise BadModel(f"the model cannot be read: {exc}") from None
-    external = [v for v in _initializers(model) if isinstance(v.const_value, ir.ExternalTensor)]
-    if external and base_dir is None:
-        raise BadModel("the model references external data; load it from its file path")
     if base_dir is not None:
-        ir.external_data.set_base_dir(model.graph, base_dir)
-        for value in external:
-            check_external_location(value.const_value, base_dir)
-    return model
+        keep_external_folder(model, base_dir)
+    return model, notes
 
 
-def check_external_location(tensor: ir.ExternalTensor, base_dir: Path) -> None:
+def keep_external_folder(model: ir.Model, base_dir: Path | str) -> None:
+    """Point every external tensor of ``model`` (subgraphs and attributes too) at the folder
+    its data lives in, so that no relative location resolves against the working directory."""
+    for graph in (model.graph, *model.functions.values()):
+        ir.external_data.set_base_dir(graph, base_dir)
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _densify_sparse_initializers(graph: onnx.GraphProto) -> list[str]:
+    """Sparse initializers become dense ones: passes and onnx_ir read dense tensors only."""
+    notes = []
+    for sparse in graph.sparse_initializer:
+        values = onnx.numpy_helper.to_array(sparse.values)
+        indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+        dense = np.zeros(tuple(sparse.dims), values.dtype)
+        if indices.ndim == 2:  # coordinates [NNZ, rank]
+            dense[tuple(indices.T)] = values
+        else:  # linear indices [NNZ]
+            dense.reshape(-1)[indices] = values
+        graph.initializer.append(onnx.numpy_helper.from_array(dense, sparse.values.name))
+        notes.append(f"sparse initializer {sparse.values.name!r} stored dense")
+    del graph.sparse_initializer[:]
+    return notes
+
+
+def check_external_location(tensor: onnx.TensorProto, base_dir: Path) -> None:
     """Refuse external data that resolves outside the model's folder or is not there whole.
 
     A location like ``../../etc/passwd`` or a symlink out of the folder would make a loader
     read (and a saver write) files the user never meant to expose.
     """
-    location = tensor.location
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
     name = tensor.name or "?"
+    if not location or "\0" in location:
+        raise BadModel(f"tensor {name!r}: external data location {location!r} is not a file name")
     if os.path.isabs(location) or Path(location).drive:
         raise BadModel(f"tensor {name!r}: external data location {location!r} is absolute")
     base = os.path.realpath(base_dir)
@@ -137,9 +181,21 @@ def check_external_location(tensor: ir.ExternalTensor, base_dir: Path) -> None:
         )
     if not os.path.isfile(target):
         raise BadModel(f"tensor {name!r}: external data file {location!r} is missing")
-    end = (tensor.offset or 0) + (tensor.length or 0)
+    try:
+        end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+    except ValueError:
+        raise BadModel(f"tensor {name!r}: external data offset or length is not a number") from None
     if end > os.path.getsize(target):
         raise BadModel(f"tensor {name!r}: external data file {location!r} is truncated")
+
+
+def external_folders(model: ir.Model) -> set[str]:
+    """The folders the external data of ``model``'s initializers is read from."""
+    return {
+        str(value.const_value.base_dir)
+        for value in _initializers(model)
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
 
 
 def _initializers(model: ir.Model) -> list[ir.Value]:
@@ -165,13 +221,13 @@ def save(
     to ``<name>.data`` when they exceed ``external_threshold`` bytes or the model already used
     external data.
     """
-    target = Path(path)
+    target = write_target(path)
     if target.is_dir():
-        raise BadModel(f"{target}: is a directory; give a file name for the output")
+        raise BadPath(f"{target}: is a directory; give a file name for the output")
     target.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = _has_external(model) or weight_bytes(model) > external_threshold
-    data_name = f"{target.name}.data" if external_data else None
+        external_data = wants_external_data(model, external_threshold)
+    data_name = data_file(target).name if external_data else None
     tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxcompress-", dir=target.parent))
     try:
         with _weights_in_memory_unless(external_data, model), _no_initializer_value_info(model):
@@ -185,6 +241,25 @@ def save(
         return written
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def wants_external_data(model: ir.Model, threshold: int = DEFAULT_EXTERNAL_THRESHOLD) -> bool:
+    """Whether ``save`` puts the weights in a data file by default: the model already reads
+    external data, or its weights exceed ``threshold`` bytes."""
+    return _has_external(model) or weight_bytes(model) > threshold
+
+
+def write_target(path: str | os.PathLike) -> Path:
+    """Where writing ``path`` lands: a symlink is written through, to the file it points at
+    (the link stays a link), as a shell redirection would."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def data_file(target: str | os.PathLike) -> Path:
+    """The external data file ``save`` writes beside ``target`` when it uses one."""
+    target = Path(target)
+    return target.parent / f"{target.name}.data"
 
 
 def _write(model: ir.Model, tmp_path: Path, data_name: str | None) -> None:
@@ -250,7 +325,7 @@ def files_on_disk(path: str | os.PathLike) -> list[Path]:
     proto = onnx.load(str(path), load_external_data=False)
     locations = {
         entry.value
-        for tensor in _all_tensor_protos(proto.graph)
+        for tensor in all_tensor_protos(proto)
         for entry in tensor.external_data
         if entry.key == "location"
     }
@@ -262,17 +337,99 @@ def size_on_disk(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in files_on_disk(path) if p.exists())
 
 
-def _all_tensor_protos(graph: onnx.GraphProto):
+def all_tensor_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a model holds: initializers (sparse ones' values too) and tensor
+    attributes, in the main graph, its subgraphs and the model's functions."""
+    yield from _graph_tensors(proto.graph)
+    for function in proto.functions:
+        yield from _node_tensors(function.node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
-    for node in graph.node:
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
             if attr.HasField("g"):
-                yield from _all_tensor_protos(attr.g)
+                yield from _graph_tensors(attr.g)
             for sub in attr.graphs:
-                yield from _all_tensor_protos(sub)
+                yield from _graph_tensors(sub)
+
+
+def input_files(loaded: Loaded) -> list[Path]:
+    """The files a loaded model consists of (its file first, then its external data files),
+    symlinks resolved; none for a model that did not come from a file."""
+    if loaded.path is None:
+        return []
+    data = {
+        os.path.realpath(os.path.join(tensor.base_dir, tensor.location))
+        for tensor in _all_tensors(loaded.model)
+        if isinstance(tensor, ir.ExternalTensor)
+    }
+    return [Path(os.path.realpath(loaded.path)), *(Path(p) for p in sorted(data))]
+
+
+def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every tensor of the model: initializers of every graph, and tensor attributes."""
+    yield from (v.const_value for v in _initializers(model) if v.const_value is not None)
+    for graph in (model.graph, *model.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for attr in node.attributes.values():
+                if attr.is_ref() or attr.value is None:
+                    continue
+                if attr.type == ir.AttributeType.TENSOR:
+                    yield attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    yield from attr.value
+
+
+def refuse_overwrites(
+    outputs: list[tuple[str, Path]], inputs: list[Path], replaceable: tuple[Path, ...] = ()
+) -> None:
+    """Raise BadPath before any work when an output (a ``(what, path)`` pair) is one of the
+    ``inputs`` (a model or its data, symlinks followed) or another output of the same run.
+    ``replaceable`` are the inputs an in-place run may replace."""
+    protected = {Path(os.path.realpath(p)) for p in inputs} - {
+        Path(os.path.realpath(p)) for p in replaceable
+    }
+    seen: dict[Path, str] = {}
+    for what, path in outputs:
+        real = Path(os.path.realpath(path))
+        if real in protected:
+            raise BadPath(f"{path}: the {what} would overwrite an input file; choose another path")
+        if real in seen:
+            raise BadPath(f"{path}: the {what} and the {seen[real]} are the same file")
+        seen[real] = what
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Raise BadPath when ``path`` cannot be written as a file: a folder, a name too long, a
+    parent that is a file, a folder we may not write in (a read-only file system, /proc)."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadPath(f"{path}: is a directory; give a file name for the {what}")
+    if len(path.name.encode()) > 255:
+        raise BadPath(f"{path}: the {what}'s file name is too long")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BadPath(f"{path}: {folder} is not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".onnxcompress-probe-", dir=folder)
+    except OSError as exc:
+        raise BadPath(f"{path}: cannot write the {what} in {folder} ({exc.strerror})") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

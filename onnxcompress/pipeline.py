@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from onnxcompress.calibration import (
     synthetic_feeds,
     zeros_feed,
 )
-from onnxcompress.errors import BadModel, CannotRun, PassBrokeGraph, ToleranceExceeded
+from onnxcompress.errors import BadModel, BadOption, CannotRun, PassBrokeGraph, ToleranceExceeded
 from onnxcompress.graph import (
     Shapes,
     default_opset,
@@ -50,6 +52,14 @@ class Gates:
     max_rel_error: float | None = None
     min_agreement: float | None = None
     outputs: tuple[str, ...] = ()  # restrict gates to these outputs (all when empty)
+
+    def __post_init__(self) -> None:
+        """A threshold that no figure can be compared with would switch the gate off."""
+        error, agreement = self.max_rel_error, self.min_agreement
+        if error is not None and not (math.isfinite(error) and error >= 0):
+            raise BadOption(f"max_rel_error={error}: must be a finite number >= 0")
+        if agreement is not None and not 0 <= agreement <= 1:
+            raise BadOption(f"min_agreement={agreement}: must be in [0, 1]")
 
     def as_dict(self) -> dict[str, Any]:
         gates = {"max_rel_error": self.max_rel_error, "min_agreement": self.min_agreement}
@@ -99,7 +109,7 @@ def run_recipe(
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_options(list(recipe))
     passes = recipe.build()  # every recipe error surfaces before any work
     model = loaded.model
-    notes = normalize(model)
+    notes = [*loaded.notes, *normalize(model)]
     feeds = _feeds(calibration, model, options)
     input_shapes = (
         {name: list(array.shape) for name, array in feeds[0].items()}
@@ -191,12 +201,18 @@ def _upgrade_opset(model: ir.Model, passes: list[CompressionPass], notes: list[s
         return model
     target = max(needs.values())
     current = default_opset(model)
+    folders = model_io.external_folders(model)
     try:
         proto = onnx.version_converter.convert_version(ir.to_proto(model), target)
     except Exception as exc:
         raise BadModel(f"cannot upgrade opset {current} to {target}: {exc}") from None
     notes.append(f"upgraded opset {current} -> {target} (needed by {', '.join(sorted(needs))})")
-    return ir.from_proto(proto)
+    upgraded = ir.from_proto(proto)
+    if len(folders) > 1:
+        raise BadModel("external data in several folders cannot survive an opset upgrade")
+    if folders:  # the rebuilt model must still find its data where the original did
+        model_io.keep_external_folder(upgraded, folders.pop())
+    return upgraded
 
 
 def resolve_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> Shapes:
@@ -259,8 +275,9 @@ def compress_file(
     either way, after the report file is written.
     """
     loaded = model_io.load(source)
-    if external_data is None and loaded.uses_external_data:
-        external_data = True  # keep the input's form
+    if external_data is None:  # keep the input's form (or take the data file a large one needs)
+        external_data = model_io.wants_external_data(loaded.model)
+    _check_output_paths(loaded, output, report_path, external_data)
     try:
         model, report = run_recipe(loaded, recipe, calibration, tolerance, options or Options())
     except ToleranceExceeded as missed:
@@ -273,6 +290,22 @@ def compress_file(
     if report_path:
         write_json(report_path, report.to_dict())
     return report
+
+
+def _check_output_paths(loaded, output, report_path, external_data: bool) -> None:
+    """Before any work: every file this run writes can be written and overwrites no input
+    (an in-place run replaces only its own model) and no other output of the run."""
+    target = model_io.write_target(output)
+    outputs = [("output", target)]
+    if external_data:
+        outputs.append(("output's external data", model_io.data_file(target)))
+    if report_path:
+        outputs.append(("report", Path(report_path)))
+    inputs = model_io.input_files(loaded)
+    in_place = bool(inputs) and Path(os.path.realpath(target)) == inputs[0]
+    model_io.refuse_overwrites(outputs, inputs, replaceable=tuple(inputs) if in_place else ())
+    for what, path in outputs:
+        model_io.check_writable(path, what)
 
 
 def _save_with_sizes(model, output, report: CompressionReport, external_data) -> None:

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from onnxcompress.calibration import Feed
 from onnxcompress.errors import CannotRun
-from onnxcompress.model_io import save, weight_bytes
+from onnxcompress.model_io import external_folders, save, weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Runner:
 
     def _materialize(self, model: ir.Model) -> bytes | str:
         """Bytes for a model that fits in memory, else a temporary file with external data."""
-        folders = _external_folders(model)
+        folders = external_folders(model)
         if weight_bytes(model) <= _IN_MEMORY_LIMIT and len(folders) <= 1:
             self._folder = folders.pop() if folders else None  # weights still in the input's file
             return ir.to_proto(model).SerializeToString()
@@ -156,15 +156,6 @@ def observe_shapes(model: ir.Model, feed: Feed, names: Iterable[str]) -> dict[st
     except CannotRun as exc:  # accounting only: never fatal
         logger.debug("observing shapes failed: %s", exc)
         return {}
-
-
-def _external_folders(model: ir.Model) -> set[str]:
-    return {
-        str(value.const_value.base_dir)
-        for graph in model.graphs()
-        for value in graph.initializers.values()
-        if isinstance(value.const_value, ir.ExternalTensor)
-    }
 
 
 def _first_line(exc: BaseException) -> str:
@@ -333,18 +324,21 @@ def gate_failures(
     min_agreement: float | None = None,
     outputs: Iterable[str] | None = None,
 ) -> list[str]:
-    """One line per missed gate; empty when every gate holds."""
+    """One line per missed gate; empty when every gate holds. Gates fail closed: a figure
+    that is not a number (NaN from a broken model) misses, and so does a gated output the
+    model does not have."""
     chosen = set(outputs) if outputs else None
-    failures = []
+    names = {metrics.name for metrics in validation.outputs}
+    failures = [f"no output named {name!r}" for name in sorted((chosen or set()) - names)]
     for metrics in validation.outputs:
         if chosen is not None and metrics.name not in chosen:
             continue
-        if max_rel_error is not None and metrics.rel_l2 > max_rel_error:
+        error, agreement = metrics.rel_l2, metrics.top1_agreement
+        if max_rel_error is not None and not error <= max_rel_error:  # NaN misses too
             failures.append(
-                f"output {metrics.name!r}: relative error {metrics.rel_l2:.4g} > {max_rel_error:g}"
+                f"output {metrics.name!r}: relative error {error:.4g} > {max_rel_error:g}"
             )
-        agreement = metrics.top1_agreement
-        if min_agreement is not None and agreement is not None and agreement < min_agreement:
+        if min_agreement is not None and agreement is not None and not agreement >= min_agreement:
             failures.append(
                 f"output {metrics.name!r}: top-1 agreement {agreement:.4f} < {min_agreement:g}"
             )

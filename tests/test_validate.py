@@ -7,8 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress import BadData, load, validate
+from onnxcompress import BadData, Gates, load, validate
 from onnxcompress.calibration import load_feeds, parse_dims, synthetic_feeds
+from onnxcompress.errors import BadOption
 from onnxcompress.validate import gate_failures
 
 
@@ -64,7 +65,25 @@ def test_gates_report_each_miss():
     assert gate_failures(result, max_rel_error=0.6) == []
     failures = gate_failures(result, max_rel_error=0.1, min_agreement=1.0)
     assert len(failures) == 1 and "relative error 0.5 > 0.1" in failures[0]
-    assert gate_failures(result, max_rel_error=0.1, outputs=["other"]) == []
+    assert gate_failures(result, max_rel_error=0.6, outputs=["Y"]) == []
+
+
+def test_gates_fail_closed():
+    """Issue 11: a gate on an output the model does not have, or a figure that is not a
+    number, is a miss (it once passed silently); a NaN or negative threshold is refused."""
+    feeds = [{"X": np.ones((2, 4), np.float32)}]
+    result = validate(load(scale_model(1.0)), load(scale_model(1.5)), feeds, latency_runs=0)
+    assert gate_failures(result, max_rel_error=0.6, outputs=["NOSUCH"]) == [
+        "no output named 'NOSUCH'"
+    ]
+    result.outputs[0].rel_l2 = float("nan")
+    (failure,) = gate_failures(result, max_rel_error=0.05)
+    assert "relative error nan > 0.05" in failure
+    for bad in (float("nan"), float("inf"), -0.1):
+        with pytest.raises(BadOption, match="max_rel_error"):
+            Gates(max_rel_error=bad)
+    with pytest.raises(BadOption, match="min_agreement"):
+        Gates(min_agreement=float("nan"))
 
 
 def test_synthetic_feeds_are_seeded_and_need_every_dim():
