@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxcompress.refit import Target, refit
+from onnxcompress.passes.prune.repair import Target, refit
 from onnxcompress.validate import Runner
 from tests.conftest import run
 
@@ -95,7 +95,7 @@ def test_masked_refit_keeps_the_zeros():
 
 
 def test_waves_put_dependent_layers_after_their_inputs():
-    from onnxcompress.refit import _waves
+    from onnxcompress.passes.prune.repair import _waves
 
     text = """
     <ir_version: 8, opset_import: ["" : 17]>

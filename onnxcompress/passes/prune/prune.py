@@ -10,8 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress import channels
-from onnxcompress.channels import ChannelGraph, Group
 from onnxcompress.emit import Namer, add_weight
 from onnxcompress.graph import node_label, node_macs, weight_problem
 from onnxcompress.passes.base import (
@@ -22,7 +20,9 @@ from onnxcompress.passes.base import (
     check_fields,
     name_matches,
 )
-from onnxcompress.refit import RefitResult, Target, refit
+from onnxcompress.passes.prune import channel_graph as channels
+from onnxcompress.passes.prune.channel_graph import ChannelGraph, Group
+from onnxcompress.passes.prune.repair import RefitResult, Target, refit
 from onnxcompress.validate import Runner
 
 logger = logging.getLogger(__name__)

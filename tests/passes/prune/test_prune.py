@@ -16,7 +16,8 @@ from onnx import numpy_helper
 
 from onnxcompress import Recipe, RecipeError, compress
 from onnxcompress.pipeline import Options
-from tests.channel_models import (
+from tests.conftest import FIXTURES, run
+from tests.passes.prune.channel_models import (
     COUPLING_CASES,
     StackBuilder,
     build,
@@ -25,7 +26,6 @@ from tests.channel_models import (
     random_pruning,
     walk,
 )
-from tests.conftest import FIXTURES, run
 
 NO_VALIDATE = Options(validate=False)
 
@@ -324,7 +324,7 @@ def test_random_stacks_stay_valid_with_unchanged_output_shape(steps, ratio, seed
     model, cg = walk(proto)
     pruned = random_pruning(cg, np.random.default_rng(seed), share=ratio)
     oracle = masked_oracle(model, cg, pruned)
-    from tests.channel_models import prune_in_place
+    from tests.passes.prune.channel_models import prune_in_place
 
     pruned_proto = prune_in_place(model, cg, pruned)
     expected = run(oracle, feed)[0]

@@ -7,8 +7,9 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxcompress import channels
-from tests.channel_models import (
+from onnxcompress.passes.prune import channel_graph as channels
+from tests.conftest import run
+from tests.passes.prune.channel_models import (
     COUPLING_CASES,
     build,
     feed_for,
@@ -17,7 +18,6 @@ from tests.channel_models import (
     random_pruning,
     walk,
 )
-from tests.conftest import run
 
 
 def _sizes(cg) -> dict[str, int]:

@@ -14,10 +14,10 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from onnxcompress import channels
 from onnxcompress.emit import Namer
 from onnxcompress.graph import infer_shapes
 from onnxcompress.normalize import normalize
+from onnxcompress.passes.prune import channel_graph as channels
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 
