@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxcompress.passes.prune import channel_graph as channels
+from onnxcompress.passes.prune.channel_graph import pruned_atoms
 from tests.conftest import run
 from tests.passes.prune.channel_models import (
     COUPLING_CASES,
@@ -57,7 +57,7 @@ def _prune_positions(text: str, value: str, positions: list[int]) -> onnx.ModelP
     """Prune the channels at ``positions`` of activation ``value``; return the pruned proto."""
     model, cg = walk(build(text))
     cmap = next(m for v, m in cg.maps.items() if v.name == value)
-    pruned = channels.pruned_atoms(cg, [cg.find(int(cmap.atoms[p])) for p in positions])
+    pruned = pruned_atoms(cg, [cg.find(int(cmap.atoms[p])) for p in positions])
     return prune_in_place(model, cg, pruned)
 
 
