@@ -89,9 +89,11 @@ class Prune(CompressionPass):
 class _FilterPruning:
     """One run of structured pruning: groups, scores, selection, removal, repair, report."""
 
-    def __init__(self, config, model: ir.Model, ctx: PassContext, report, emitter) -> None:
+    def __init__(
+        self, config, model: ir.Model, ctx: PassContext, report: PassReport, emitter: Emitter
+    ) -> None:
         self.config, self.model, self.ctx, self.report = config, model, ctx, report
-        self.emitter: Emitter = emitter
+        self.emitter = emitter
         self.cg: ChannelGraph = build(model.graph, ctx.shapes)
         self.groups = self.cg.groups()
 
@@ -109,8 +111,9 @@ class _FilterPruning:
         with self._teacher(targets) or nullcontext() as teacher:
             apply(self.cg, pruned, self.emitter)
             repaired = self._repair(targets, teacher, pruned, means)
-        layers = _Report(self.cg, self.groups, problems, pruned)
-        layers.layers(self.report, self._touched_nodes(), before, repaired)
+        _Report(self.cg, self.groups, problems, pruned).write(
+            self.report, self._touched_nodes(), before, repaired
+        )
 
     def _group_problem(self, group: Group) -> str | None:
         if group.blocked:
@@ -218,7 +221,7 @@ class _Report:
             for source in group.sources:
                 self.blocked.setdefault(id(source.node), problem)
 
-    def layers(self, report: PassReport, touched, before, repaired) -> None:
+    def write(self, report: PassReport, touched, before, repaired) -> None:
         """A rewritten entry per touched node that changed, then the producers left alone."""
         for node in touched:
             params, nbytes, macs = before[id(node)]
