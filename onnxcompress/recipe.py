@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxcompress.errors import RecipeError
-from onnxcompress.passes import PASSES, CompressionPass
+from onnxcompress.passes import CompressionPass, pass_for
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,10 +34,15 @@ class Step:
     options: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> CompressionPass:
-        cls = PASSES.get(self.name)
-        if cls is None:
-            raise RecipeError(f"unknown pass {self.name!r} (known: {', '.join(sorted(PASSES))})")
-        return cls(build_config(cls, self.options))
+        cls, options = pass_for(self.name, self.options)
+        return cls(build_config(cls, options))
+
+    @classmethod
+    def of(cls, name: str, options: dict[str, Any]) -> Step:
+        """The step under the name of the pass it builds (``prune:mode=sparsity`` becomes
+        ``sparsity``), so that reports and the recipe stored in the model name that pass."""
+        pass_cls, options = pass_for(name, options)
+        return cls(pass_cls.name, options)
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class Recipe:
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                 raise RecipeError(f"{where}: pass #{i + 1} needs a 'name'")
             options = {k: v for k, v in entry.items() if k != "name"}
-            steps.append(Step(entry["name"], options))
+            steps.append(Step.of(entry["name"], options))
         return cls(tuple(steps))
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +102,7 @@ def parse_option(text: str) -> Step:
         if key.strip() in options:
             raise RecipeError(f"bad pass option {text!r}: {key.strip()!r} is given twice")
         options[key.strip()] = value.strip()
-    return Step(name, options)
+    return Step.of(name, options)
 
 
 def build_config(cls: type[CompressionPass], options: dict[str, Any]) -> Any:

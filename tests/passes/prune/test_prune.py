@@ -1,6 +1,6 @@
 """prune: exactness at ratio 0, every coupling case through the pipeline, importance and
-amount rules, repair, sparsity, accounting against an independent count, random stacks, and
-the trained CNN fixture."""
+amount rules, repair, accounting against an independent count, random stacks, and the trained
+CNN fixture."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from onnx import numpy_helper
 
 from onnxcompress import Recipe, RecipeError, compress
 from onnxcompress.pipeline import Options
-from tests.channel_models import (
+from tests.conftest import FIXTURES, run
+from tests.passes.prune.channel_models import (
     COUPLING_CASES,
     StackBuilder,
     build,
@@ -25,27 +26,15 @@ from tests.channel_models import (
     random_pruning,
     walk,
 )
-from tests.conftest import FIXTURES, run
+from tests.passes.prune.measures import calibration_feeds, initializers, output_error
 
 NO_VALIDATE = Options(validate=False)
-
-
-def _calibration(proto: onnx.ModelProto, batches: int = 4, batch: int | None = None) -> list:
-    return [feed_for(proto, seed=10 + i, batch=batch) for i in range(batches)]
-
-
-def _rel_error(reference, candidate, feeds) -> float:
-    errors = []
-    for feed in feeds:
-        for want, got in zip(run(reference, feed), run(candidate, feed)):
-            errors.append(np.linalg.norm(want - got) / np.linalg.norm(want))
-    return float(np.mean(errors))
 
 
 @pytest.mark.parametrize("case", list(COUPLING_CASES))
 def test_ratio_zero_reproduces_the_original(case):
     proto = build(COUPLING_CASES[case])
-    feeds = _calibration(proto, 2)
+    feeds = calibration_feeds(proto, 2)
     result, report = compress(proto, ["prune:ratio=0"], calibration=feeds, options=NO_VALIDATE)
     for feed in feeds:
         for want, got in zip(run(proto, feed), run(result, feed)):
@@ -57,7 +46,7 @@ def test_ratio_zero_reproduces_the_original(case):
 def test_every_coupling_case_prunes_through_the_pipeline(case):
     """The pipeline checks the result (checker, strict shape inference, onnxruntime)."""
     proto = build(COUPLING_CASES[case])
-    feeds = _calibration(proto, 2)
+    feeds = calibration_feeds(proto, 2)
     result, report = compress(
         proto, ["prune:ratio=0.5,repair=none"], calibration=feeds, options=NO_VALIDATE
     )
@@ -100,7 +89,7 @@ def test_importance_picks_the_filters_to_keep(importance, kept):
 
 def test_activation_importance_uses_calibration_data():
     proto = _conv_bn_with_known_scores()
-    feeds = _calibration(proto)
+    feeds = calibration_feeds(proto)
     setting = "prune:ratio=0.5,importance=activation,repair=none"
     result, _ = compress(proto, [setting], calibration=feeds, options=NO_VALIDATE)
     assert _kept_filters(result, "W1") == 4
@@ -211,13 +200,13 @@ g (float[1, 3, 8, 8] X, float[8, 3, 3, 3] W1, float[8] B1, float[5, 8, 3, 3] W2,
 def test_least_squares_repair_recovers_redundant_filters_exactly():
     """Filters 4..7 are small mixes of 0..3: removing them loses nothing a refit cannot undo."""
     proto = build(LINEAR_PAIR, seed=3)
-    weights = _weights(proto)
+    weights = initializers(proto)
     mix = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32) * 0.1
     weights["W1"][4:] = np.einsum("rk,kchw->rchw", mix, weights["W1"][:4])
     weights["B1"][4:] = mix @ weights["B1"][:4]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in weights.items())
-    calibration, held_out = _calibration(proto, 8), _calibration(proto, 10)[8:]
+    calibration, held_out = calibration_feeds(proto, 8), calibration_feeds(proto, 10)[8:]
     errors = {}
     for repair in ("none", "lstsq", "bias"):
         result, _ = compress(
@@ -225,7 +214,7 @@ def test_least_squares_repair_recovers_redundant_filters_exactly():
             options=NO_VALIDATE,
         )  # fmt: skip
         assert _kept_filters(result, "W1") == 4
-        errors[repair] = _rel_error(proto, result, held_out)
+        errors[repair] = output_error(proto, result, held_out)
     assert errors["none"] > 0.05 and errors["lstsq"] < 1e-4
     assert errors["bias"] < errors["none"]
 
@@ -241,58 +230,12 @@ def test_bias_fold_is_exact_for_a_constant_channel_under_a_1x1_consumer():
     w1 = numpy_helper.to_array(proto.graph.initializer[0]).copy()
     w1[2] = 0  # channel 2 is its bias, a constant: the smallest L1 norm
     proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w1, "W1"))
-    feeds = _calibration(proto, 2)
+    feeds = calibration_feeds(proto, 2)
     setting = "prune:ratio=0.25,repair=bias"
     result, _ = compress(proto, [setting], calibration=feeds, options=NO_VALIDATE)
     assert _kept_filters(result, "W1") == 3
     for feed in feeds:
         np.testing.assert_allclose(run(result, feed)[0], run(proto, feed)[0], atol=1e-5)
-
-
-# --- sparsity ---------------------------------------------------------------------------------
-def _weights(proto) -> dict[str, np.ndarray]:
-    return {i.name: numpy_helper.to_array(i).copy() for i in proto.graph.initializer}
-
-
-def test_sparsity_per_layer_zeroes_the_smallest_weights():
-    proto = build(COUPLING_CASES["conv_bn"])
-    result, report = compress(proto, ["prune:mode=sparsity,ratio=0.5"], options=NO_VALIDATE)
-    before, after = _weights(proto), _weights(result)
-    for name in ("W1", "W2"):
-        zeroed = after[name] == 0
-        assert zeroed.sum() == math.floor(0.5 * before[name].size)
-        assert np.abs(before[name][zeroed]).max() <= np.abs(before[name][~zeroed]).min()
-    np.testing.assert_array_equal(after["P1"], before["P1"])  # BN is not a linear weight
-    assert "achieved sparsity 0.50" in report.passes[0].notes[0]
-
-
-def test_sparsity_global_threshold_and_zero_ratio():
-    proto = build(COUPLING_CASES["conv_bn"])
-    result, report = compress(
-        proto, ["prune:mode=sparsity,ratio=0.6,scope=global"], options=NO_VALIDATE
-    )
-    assert "achieved sparsity" in report.passes[0].notes[0]
-    before, after = _weights(proto), _weights(result)
-    everything = np.concatenate([np.abs(before[n]).ravel() for n in ("W1", "W2")])
-    zeros = sum(int((after[n] == 0).sum()) for n in ("W1", "W2"))
-    assert zeros == math.floor(0.6 * everything.size)
-    result, _ = compress(proto, ["prune:mode=sparsity,ratio=0"], options=NO_VALIDATE)
-    feed = feed_for(proto)
-    np.testing.assert_allclose(run(result, feed)[0], run(proto, feed)[0], atol=1e-5)
-
-
-def test_sparsity_repair_keeps_zeros_and_cuts_error():
-    proto = build(COUPLING_CASES["gemm"])
-    calibration, held_out = _calibration(proto, 16), _calibration(proto, 4)[2:]
-    plain, _ = compress(proto, ["prune:mode=sparsity,ratio=0.5"], options=NO_VALIDATE)
-    fitted, _ = compress(
-        proto, ["prune:mode=sparsity,ratio=0.5,repair=lstsq"], calibration=calibration,
-        options=NO_VALIDATE,
-    )  # fmt: skip
-    for name, weight in _weights(plain).items():
-        if name.startswith("W"):
-            np.testing.assert_array_equal(_weights(fitted)[name] == 0, weight == 0)
-    assert _rel_error(proto, fitted, held_out) < 0.7 * _rel_error(proto, plain, held_out)
 
 
 # --- random stacks ----------------------------------------------------------------------------
@@ -324,7 +267,7 @@ def test_random_stacks_stay_valid_with_unchanged_output_shape(steps, ratio, seed
     model, cg = walk(proto)
     pruned = random_pruning(cg, np.random.default_rng(seed), share=ratio)
     oracle = masked_oracle(model, cg, pruned)
-    from tests.channel_models import prune_in_place
+    from tests.passes.prune.channel_models import prune_in_place
 
     pruned_proto = prune_in_place(model, cg, pruned)
     expected = run(oracle, feed)[0]
@@ -358,8 +301,8 @@ def test_trained_cnn_30_percent_with_repair(mnist):
             options=Options(latency_runs=2),
         )  # fmt: skip
         results[repair] = (ir.to_proto(model), report)
-    error_none = _rel_error(original, results["none"][0], held_out)
-    error_fit = _rel_error(original, results["lstsq"][0], held_out)
+    error_none = output_error(original, results["none"][0], held_out)
+    error_fit = output_error(original, results["lstsq"][0], held_out)
     assert error_fit * 2 <= error_none
     assert (
         _accuracy(results["lstsq"][0], held_out, labels)
@@ -385,7 +328,7 @@ def test_ultraface_30_percent_validates_and_repair_halves_the_error(real):
             options=Options(latency_runs=2),
         )  # fmt: skip
         assert report.validation is not None
-        errors[repair] = _rel_error(onnx.load(source), ir.to_proto(model), held_out)
+        errors[repair] = output_error(onnx.load(source), ir.to_proto(model), held_out)
     assert errors["lstsq"] * 2 <= errors["none"], errors
     assert report.after.macs < 0.7 * report.before.macs
     heads = [layer for layer in report.passes[0].layers if "filters" in layer.detail]
@@ -410,7 +353,7 @@ def test_ppocrv4_det_prunes_and_validates(real):
 def test_grouped_conv_loses_as_many_channels_in_every_group():
     proto = build(COUPLING_CASES["grouped"])
     result, _ = compress(proto, ["prune:ratio=0.5,repair=none"], options=NO_VALIDATE)
-    weights = _weights(result)
+    weights = initializers(result)
     assert weights["W1"].shape[0] == 4 and weights["W2"].shape == (6, 2, 3, 3)
     assert weights["B2"].shape == (6,) and weights["W3"].shape == (5, 6, 1, 1)
     groups = [a.i for n in result.graph.node for a in n.attribute if a.name == "group"]
@@ -425,14 +368,14 @@ def test_without_data_auto_repair_folds_bn_expectations_into_the_bias():
     feeds = [feed_for(proto, seed=100 + i) for i in range(32)]
     runner = Runner(ir.from_proto(proto), extra_outputs=["c1"])
     conv_out = np.concatenate([runner.capture(feed)["c1"] for feed in feeds])
-    weights = _weights(proto)
+    weights = initializers(proto)
     weights["P3"], weights["V1"] = conv_out.mean((0, 2, 3)), conv_out.var((0, 2, 3))
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in weights.items())
     errors = {}
     for repair in ("none", "auto"):
         result, report = compress(proto, [f"prune:ratio=0.5,repair={repair}"], options=NO_VALIDATE)
-        errors[repair] = _rel_error(proto, result, feeds[:8])
+        errors[repair] = output_error(proto, result, feeds[:8])
     assert any("bias fold of expected values" in note for note in report.passes[0].notes)
     assert errors["auto"] < 0.8 * errors["none"]
 
@@ -441,7 +384,7 @@ def test_synthetic_calibration_is_flagged_and_auto_repair_stays_data_free():
     proto = build(COUPLING_CASES["conv_bn"])
     _, report = compress(proto, ["prune:ratio=0.5"], options=Options(latency_runs=1))
     assert any("bias fold of expected values" in n for n in report.passes[0].notes)
-    feeds = _calibration(proto, 4)
+    feeds = calibration_feeds(proto, 4)
     _, report = compress(proto, ["prune:ratio=0.5"], calibration=feeds, options=NO_VALIDATE)
     assert not any("bias fold" in n for n in report.passes[0].notes)
     refitted = [layer for layer in report.passes[0].layers if "repair" in layer.detail]

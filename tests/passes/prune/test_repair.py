@@ -7,7 +7,8 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxcompress.refit import Target, refit
+from onnxcompress.emit import Emitter
+from onnxcompress.passes.prune.repair import Target, refit
 from onnxcompress.validate import Runner
 from tests.conftest import run
 
@@ -22,6 +23,10 @@ def _conv(weight, bias=None, **attrs) -> ir.Model:
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
     )  # fmt: skip
     return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _emitter(model: ir.Model) -> Emitter:
+    return Emitter(model, "prune")
 
 
 def _feeds(shape, count=6):
@@ -47,7 +52,7 @@ def test_conv_refit_recovers_the_teacher(attrs, with_bias):
     feeds = _feeds([2, 3, 7, 7])
     teacher = Runner(teacher_model, extra_outputs=["Y"])
     node = next(iter(student.graph))
-    results = refit(student, [Target(node)], teacher, feeds, damping=0)
+    results = refit(student, [Target(node)], teacher, feeds, emitter=_emitter(student), damping=0)
     assert results[0].error_after < 1e-4 < results[0].error_before
     np.testing.assert_allclose(
         run(student, feeds[0])[0], run(teacher_model, feeds[0])[0], atol=1e-3
@@ -73,7 +78,8 @@ def test_gemm_refit_with_alpha_beta_and_matmul_without_bias(trans_b):
     student = gemm(weight + 0.2 * rng.standard_normal(weight.shape), np.zeros(6))
     feeds = _feeds([8, 5])
     teacher = Runner(teacher_model, extra_outputs=["Y"])
-    refit(student, [Target(next(iter(student.graph)))], teacher, feeds, damping=0)
+    targets = [Target(next(iter(student.graph)))]
+    refit(student, targets, teacher, feeds, emitter=_emitter(student), damping=0)
     np.testing.assert_allclose(
         run(student, feeds[0])[0], run(teacher_model, feeds[0])[0], atol=1e-3
     )
@@ -88,14 +94,15 @@ def test_masked_refit_keeps_the_zeros():
     teacher = Runner(teacher_model, extra_outputs=["Y"])
     node = next(iter(student.graph))
     flat_mask = mask.reshape(3, -1).T
-    results = refit(student, [Target(node, mask=flat_mask)], teacher, _feeds([2, 3, 7, 7]))
+    targets = [Target(node, mask=flat_mask)]
+    results = refit(student, targets, teacher, _feeds([2, 3, 7, 7]), emitter=_emitter(student))
     fitted = student.graph.initializers["W"].const_value.numpy()
     assert (fitted[~mask] == 0).all()
     assert results[0].error_after < results[0].error_before
 
 
 def test_waves_put_dependent_layers_after_their_inputs():
-    from onnxcompress.refit import _waves
+    from onnxcompress.passes.prune.repair import _waves
 
     text = """
     <ir_version: 8, opset_import: ["" : 17]>

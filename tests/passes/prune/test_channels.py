@@ -7,8 +7,9 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxcompress import channels
-from tests.channel_models import (
+from onnxcompress.passes.prune.channel_graph import pruned_atoms
+from tests.conftest import run
+from tests.passes.prune.channel_models import (
     COUPLING_CASES,
     build,
     feed_for,
@@ -17,7 +18,6 @@ from tests.channel_models import (
     random_pruning,
     walk,
 )
-from tests.conftest import run
 
 
 def _sizes(cg) -> dict[str, int]:
@@ -57,7 +57,7 @@ def _prune_positions(text: str, value: str, positions: list[int]) -> onnx.ModelP
     """Prune the channels at ``positions`` of activation ``value``; return the pruned proto."""
     model, cg = walk(build(text))
     cmap = next(m for v, m in cg.maps.items() if v.name == value)
-    pruned = channels.pruned_atoms(cg, [cg.find(int(cmap.atoms[p])) for p in positions])
+    pruned = pruned_atoms(cg, [cg.find(int(cmap.atoms[p])) for p in positions])
     return prune_in_place(model, cg, pruned)
 
 

@@ -14,10 +14,12 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from onnxcompress import channels
-from onnxcompress.emit import Namer
+from onnxcompress.emit import Emitter
 from onnxcompress.graph import infer_shapes
 from onnxcompress.normalize import normalize
+from onnxcompress.passes.prune.channel_graph import ChannelGraph, pruned_atoms
+from onnxcompress.passes.prune.channel_ops import build as build_channel_graph
+from onnxcompress.passes.prune.channel_removal import apply
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 
@@ -50,14 +52,14 @@ def feed_for(model: onnx.ModelProto, seed: int = 1, batch: int | None = None) ->
     return {value.name: rng.standard_normal(shape).astype(dtype)}
 
 
-def walk(proto: onnx.ModelProto) -> tuple[ir.Model, channels.ChannelGraph]:
+def walk(proto: onnx.ModelProto) -> tuple[ir.Model, ChannelGraph]:
     model = ir.from_proto(proto)
     normalize(model)
     inputs = {v.name: [d if isinstance(d, int) else 1 for d in v.shape] for v in model.graph.inputs}
-    return model, channels.build(model.graph, infer_shapes(model, inputs))
+    return model, build_channel_graph(model.graph, infer_shapes(model, inputs))
 
 
-def random_pruning(cg: channels.ChannelGraph, rng: np.random.Generator, share=0.5):
+def random_pruning(cg: ChannelGraph, rng: np.random.Generator, share=0.5):
     """Prune a random subset of each prunable group's channels (at least one kept)."""
     chosen = []
     for group in cg.groups():
@@ -68,7 +70,7 @@ def random_pruning(cg: channels.ChannelGraph, rng: np.random.Generator, share=0.
         count = min(size - 1, round(share * size)) if size > 1 else 0
         for block in blocks:  # grouped convs: the same count from each block
             chosen.extend(rng.choice(block, count, replace=False).tolist())
-    pruned = channels.pruned_atoms(cg, chosen)
+    pruned = pruned_atoms(cg, chosen)
     for cmap in cg.maps.values():  # as the pass does: no value loses every channel
         if len(cmap.atoms) and pruned[cmap.atoms].all():
             root = cg.find(int(cmap.atoms[0]))
@@ -76,7 +78,7 @@ def random_pruning(cg: channels.ChannelGraph, rng: np.random.Generator, share=0.
     return pruned
 
 
-def masked_oracle(model: ir.Model, cg: channels.ChannelGraph, pruned) -> onnx.ModelProto:
+def masked_oracle(model: ir.Model, cg: ChannelGraph, pruned) -> onnx.ModelProto:
     """The unpruned model with pruned channels zeroed at the input of every reducing layer."""
     proto = ir.to_proto(model)
     by_output = {n.output[0]: n for n in proto.graph.node}
@@ -107,9 +109,9 @@ def _sort(proto: onnx.ModelProto) -> None:
     proto.CopyFrom(ir.to_proto(model))
 
 
-def prune_in_place(model: ir.Model, cg: channels.ChannelGraph, pruned) -> onnx.ModelProto:
+def prune_in_place(model: ir.Model, cg: ChannelGraph, pruned) -> onnx.ModelProto:
     """Apply the pruning and return a checked proto (strict shape inference included)."""
-    channels.apply(cg, pruned, Namer(model))
+    apply(cg, pruned, Emitter(model, "prune"))
     proto = ir.to_proto(model)
     onnx.checker.check_model(proto)
     onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)

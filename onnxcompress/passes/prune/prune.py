@@ -1,0 +1,271 @@
+"""Structured filter pruning over channel-dependency groups, with closed-form repair."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.emit import Emitter
+from onnxcompress.graph import node_label, node_macs
+from onnxcompress.passes.base import (
+    CompressionPass,
+    LayerReport,
+    PassContext,
+    PassReport,
+    check_fields,
+    name_matches,
+)
+from onnxcompress.passes.prune.bias_fold import expected_means, fold_bias, measured_means
+from onnxcompress.passes.prune.channel_graph import ChannelGraph, Group
+from onnxcompress.passes.prune.channel_ops import build
+from onnxcompress.passes.prune.channel_removal import apply
+from onnxcompress.passes.prune.importance import AGGREGATE, IMPORTANCE, channel_scores
+from onnxcompress.passes.prune.repair import RefitResult, Target, refit
+from onnxcompress.passes.prune.selection import Selection, kept_share, parse_layer_ratio
+from onnxcompress.validate import Runner
+
+REPAIR = ("auto", "lstsq", "bias", "none")
+LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+class Prune(CompressionPass):
+    """Drop the weakest filters of each channel group, fixing every consumer.
+
+    Channel-dependency groups come from the channel graph (``channel_graph`` and its
+    handlers); consumers are refitted by least squares on calibration data (``repair``), or get
+    a bias fold without data (``bias_fold``)."""
+
+    name = "prune"
+
+    @dataclass(frozen=True)
+    class Config:
+        """Pruning amount: ``ratio`` (per group), ``layer_ratios`` overrides, or ``target_macs``."""
+
+        ratio: float = 0.3  # share of each group's channels to remove
+        layer_ratios: tuple[str, ...] = ()  # "node-glob=ratio": groups with a matching producer
+        target_macs: float | None = None  # keep this share of MACs (searches a global ratio)
+        importance: str = "l1"  # l1, l2, bn (|gamma|, l1 where no BN), activation (mean |a|)
+        aggregate: str = "mean"  # how a channel's scores over its producers combine
+        round_to: int = 1  # kept channels per group: a multiple of this
+        min_channels: int = 1  # never keep fewer channels in a group
+        max_ratio: float = 0.9  # never remove more than this share of a group
+        exclude: tuple[str, ...] = ()  # producer node-name globs whose groups are left alone
+        repair: str = "auto"  # auto (lstsq with real data, a bias fold without), lstsq, bias, none
+        damping: float = 0.1  # ridge towards the unrepaired weights, relative to mean diag(XᵀX)
+        max_rows: int = 4096  # rows sampled per batch and layer for the refit
+
+        def __post_init__(self) -> None:
+            check_fields(
+                self,
+                {
+                    "ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                    "target_macs": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                    "importance": (lambda v: v in IMPORTANCE, " or ".join(IMPORTANCE)),
+                    "aggregate": (lambda v: v in AGGREGATE, " or ".join(AGGREGATE)),
+                    "round_to": (lambda v: v >= 1, "an integer >= 1"),
+                    "min_channels": (lambda v: v >= 1, "an integer >= 1"),
+                    "max_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                    "repair": (lambda v: v in REPAIR, " or ".join(REPAIR)),
+                    "damping": (lambda v: v >= 0, ">= 0"),
+                    "max_rows": (lambda v: v >= 1, "an integer >= 1"),
+                },
+            )
+            for item in self.layer_ratios:
+                parse_layer_ratio(item)
+
+    @classmethod
+    def applies(cls, node: ir.Node) -> bool:
+        return node.op_type in LINEAR and node.domain in ("", "ai.onnx")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassReport:
+        report = PassReport(self.name, self.config_dict())
+        _FilterPruning(self.config, model, ctx, report, Emitter(model, self.name)).run()
+        return report
+
+
+class _FilterPruning:
+    """One run of structured pruning: groups, scores, selection, removal, repair, report."""
+
+    def __init__(
+        self, config, model: ir.Model, ctx: PassContext, report: PassReport, emitter: Emitter
+    ) -> None:
+        self.config, self.model, self.ctx, self.report = config, model, ctx, report
+        self.emitter = emitter
+        self.cg: ChannelGraph = build(model.graph, ctx.shapes)
+        self.groups = self.cg.groups()
+
+    def run(self) -> None:
+        problems = {id(g): self._group_problem(g) for g in self.groups}
+        prunable = [g for g in self.groups if problems[id(g)] is None]
+        pruned = self._choose(prunable)
+        self.report.notes.append(
+            f"{len(self.groups)} channel groups, {len(prunable)} prunable; "
+            f"{int(pruned.sum())} of {len(pruned)} channel atoms removed"
+        )
+        before = self._sizes_before()
+        targets = self._repair_targets(pruned)
+        means = self._input_means(targets)
+        with self._teacher(targets) or nullcontext() as teacher:
+            apply(self.cg, pruned, self.emitter)
+            repaired = self._repair(targets, teacher, pruned, means)
+        _Report(self.cg, self.groups, problems, pruned).write(
+            self.report, self._touched_nodes(), before, repaired
+        )
+
+    def _group_problem(self, group: Group) -> str | None:
+        if group.blocked:
+            return group.blocked[0]
+        if any(name_matches(s.node, self.config.exclude) for s in group.sources):
+            return "excluded by name pattern"
+        return None
+
+    def _choose(self, prunable: list[Group]) -> np.ndarray:
+        config = self.config
+        scores = channel_scores(
+            self.cg, config.importance, config.aggregate, self.model, self.ctx.calibration
+        )
+        return Selection(config, self.cg, self.model, self.ctx.shapes).choose(prunable, scores)
+
+    def _touched_nodes(self) -> list[ir.Node]:
+        nodes = {id(f.node): f.node for f in [*self.cg.slices, *self.cg.attrs]}
+        return [n for n in self.model.graph if id(n) in nodes]
+
+    def _sizes_before(self) -> dict[int, tuple[int, int, int | None]]:
+        """Per touched node: params, bytes and MACs before the removal."""
+        return {
+            id(node): (*_const_sizes(node), node_macs(node, self.ctx.shapes))
+            for node in self._touched_nodes()
+        }
+
+    # --- repair ---------------------------------------------------------------------------------
+    def _repair_mode(self) -> str:
+        """auto: least squares on the user's data; a data-free bias fold without it."""
+        if self.config.repair != "auto":
+            return self.config.repair
+        return "bias" if self._data_free else "lstsq"
+
+    @property
+    def _data_free(self) -> bool:
+        return self.ctx.synthetic_calibration or not self.ctx.calibration
+
+    def _repair_targets(self, pruned: np.ndarray) -> list[Target]:
+        """Consumers that lost input channels, matched on their kept output channels."""
+        targets, seen = [], set()
+        for fix in self.cg.slices:
+            node = fix.node
+            if fix.role != "in" or id(node) in seen or node.op_type not in LINEAR:
+                continue
+            if not pruned[self.cg.maps[fix.ref].atoms].any():
+                continue
+            seen.add(id(node))
+            out_map = self.cg.maps.get(node.outputs[0])
+            keep = None if out_map is None else np.flatnonzero(~pruned[out_map.atoms])
+            weight = node.inputs[1].const_value.numpy()
+            targets.append(Target(node, out_keep=keep, weight_before=weight))
+        return targets
+
+    def _input_means(self, targets: list[Target]) -> dict[str, np.ndarray | None]:
+        """For a bias fold: the targets' per-channel input means before the removal, measured
+        on the calibration data or, data-free, expected from BN statistics."""
+        if self._repair_mode() != "bias" or not targets:
+            return {}
+        if self._data_free:
+            return {t.node.inputs[0].name: expected_means(t.node.inputs[0]) for t in targets}
+        return measured_means(self.cg, targets, self.model, self.ctx.calibration)
+
+    def _teacher(self, targets: list[Target]) -> Runner | None:
+        """For a refit: a session on the model as the pass found it, exposing the targets'
+        outputs (opened before the removal)."""
+        if self._repair_mode() != "lstsq" or not targets or not self.ctx.calibration:
+            return None
+        names = [t.node.outputs[0].name for t in targets]
+        return Runner(self.model, "model before pruning", extra_outputs=names)
+
+    def _repair(self, targets, teacher: Runner | None, pruned, means) -> dict[str, RefitResult]:
+        mode = self._repair_mode()
+        if mode == "bias" and self._data_free:
+            self.report.notes.append("repair: bias fold of expected values from BN statistics")
+        elif mode == "none" or not targets:
+            return {}
+        elif not self.ctx.calibration:
+            self.report.notes.append("repair skipped: no calibration data")
+            return {}
+        if mode == "bias":
+            return fold_bias(self.cg, targets, means, self.ctx.shapes, pruned, self.emitter)
+        if self.ctx.synthetic_calibration:
+            self.report.notes.append("repair fitted on synthetic data: pass real calibration")
+        results = refit(
+            self.model,
+            targets,
+            teacher,
+            self.ctx.calibration,
+            emitter=self.emitter,
+            damping=self.config.damping,
+            max_rows=self.config.max_rows,
+            seed=self.ctx.seed,
+        )
+        return {r.node: r for r in results}
+
+
+class _Report:
+    """The layers of one pruning run: what each touched node lost, and why groups stayed."""
+
+    def __init__(self, cg: ChannelGraph, groups, problems: dict[int, str | None], pruned):
+        self.cg, self.pruned = cg, pruned
+        self.refused = [(g, problems[id(g)]) for g in groups if problems[id(g)]]
+        self.blocked: dict[int, str] = {}  # id(producer node) -> why its group stayed
+        for group, problem in self.refused:
+            for source in group.sources:
+                self.blocked.setdefault(id(source.node), problem)
+
+    def write(self, report: PassReport, touched, before, repaired) -> None:
+        """A rewritten entry per touched node that changed, then the producers left alone."""
+        for node in touched:
+            params, nbytes, macs = before[id(node)]
+            params_after, bytes_after = _const_sizes(node)
+            if params_after == params and node_label(node) not in repaired:
+                continue
+            macs_after = round(macs * kept_share(self.cg, node, self.pruned)) if macs else None
+            report.layers.append(
+                LayerReport.rewritten(
+                    node,
+                    self._detail(node, repaired.get(node_label(node))),
+                    params=(params, params_after),
+                    nbytes=(nbytes, bytes_after),
+                    macs=(macs, macs_after),
+                )
+            )
+        self._skipped(report)
+
+    def _detail(self, node: ir.Node, fit: RefitResult | None) -> dict:
+        detail = {}
+        for key, value in (("in_channels", node.inputs[0]), ("out_channels", node.outputs[0])):
+            cmap = self.cg.maps.get(value) if value is not None else None
+            if cmap is not None:
+                detail[key] = [len(cmap.atoms), int((~self.pruned[cmap.atoms]).sum())]
+        if id(node) in self.blocked:
+            detail["filters"] = f"not pruned: {self.blocked[id(node)]}"
+        if fit is not None:
+            detail["repair"] = fit.detail()
+        return detail
+
+    def _skipped(self, report: PassReport) -> None:
+        """Each producer of a group left alone, once, unless it was reported rewritten."""
+        reported = {layer.node for layer in report.layers}
+        for group, problem in self.refused:
+            for source in group.sources:
+                if node_label(source.node) not in reported:
+                    reported.add(node_label(source.node))
+                    report.layers.append(LayerReport.skipped(source.node, problem))
+
+
+def _const_sizes(node: ir.Node) -> tuple[int, int]:
+    params = nbytes = 0
+    for value in node.inputs:
+        if value is not None and value.const_value is not None:
+            params += value.const_value.size
+            nbytes += value.const_value.nbytes
+    return params, nbytes
