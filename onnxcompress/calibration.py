@@ -228,8 +228,16 @@ def _check_feed(feed: Feed, specs: list[InputSpec], dims: Mapping[str, int]) -> 
                     f"input {spec.name!r}: data is {array.dtype}, the model expects {spec.dtype}"
                 )
             array = array.astype(spec.dtype)
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
-            # one NaN spreads through every statistic and least-squares fit built on it
-            raise BadData(f"input {spec.name!r}: data holds NaN or infinite values")
         checked[spec.name] = array
+    check_finite([checked])
     return checked
+
+
+def check_finite(feeds: Sequence[Feed]) -> None:
+    """Refuse feeds holding NaN or infinities: one spreads through every statistic and
+    least-squares fit built on the data, and through every error measured on it."""
+    for feed in feeds:
+        for name, array in feed.items():
+            array = np.asarray(array)
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                raise BadData(f"input {name!r}: data holds NaN or infinite values")

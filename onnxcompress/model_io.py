@@ -121,7 +121,11 @@ def _from_proto(proto: onnx.ModelProto, base_dir: Path | None) -> tuple[ir.Model
         raise BadModel("the model references external data; load it from its file path")
     for tensor in external:
         check_external_location(tensor, base_dir)
-    notes = _densify_sparse_initializers(proto.graph)
+    notes = []
+    if proto.graph.sparse_initializer:  # on a copy: a caller's ModelProto is never changed
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        proto, notes = copy, _densify_sparse_initializers(copy.graph)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:

@@ -19,6 +19,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxcompress import model_io
 from onnxcompress.calibration import (
     Feed,
+    check_finite,
     known_input_shapes,
     load_feeds,
     synthetic_feeds,
@@ -156,7 +157,9 @@ def _feeds(calibration, model: ir.Model, options: Options) -> list[Feed]:
         return synthetic_feeds(model, options.dims or {}, options.samples, options.seed)
     if isinstance(calibration, (str, Path)):
         return load_feeds(calibration, model, options.dims, options.batch_size, options.max_feeds)
-    return list(calibration)
+    feeds = list(calibration)
+    check_finite(feeds)
+    return feeds
 
 
 def _reference_runner(model: ir.Model, options: Options, notes: list[str]) -> Runner | None:

@@ -182,6 +182,9 @@ def _solve_and_store(target: Target, damping: float, emitter: Emitter) -> RefitR
     if moments is None:
         return RefitResult(label, skipped="no calibration data")
     gram, cross = moments.xx, moments.xy
+    if not (np.isfinite(gram).all() and np.isfinite(cross).all()):
+        # huge activations overflow the sums: a fit on them would write NaN weights
+        return RefitResult(label, skipped="calibration statistics overflow (values too large)")
     current = _current(node, gram.shape[0])
     if current.shape != cross.shape:
         return RefitResult(label, skipped=f"shape mismatch {current.shape} vs {cross.shape}")
@@ -194,7 +197,8 @@ def _solve_and_store(target: Target, damping: float, emitter: Emitter) -> RefitR
     else:
         solved = _masked_solve(gram, cross, current, target.mask, ridge)
     before, after = moments.error(current), moments.error(solved)
-    if after >= before:  # never make a layer worse on the data it was fitted to
+    if not np.isfinite(solved).all() or not after < before:
+        # never make a layer worse on the data it was fitted to, nor write non-finite weights
         return RefitResult(label, before, before)
     _store(node, solved, emitter)
     return RefitResult(label, before, after)
