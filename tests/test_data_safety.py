@@ -149,7 +149,7 @@ def test_huge_calibration_values_never_give_non_finite_weights():
     rng = np.random.default_rng(0)
     feeds = [{"input": rng.random((8, 1, 28, 28), np.float32)} for _ in range(2)]
     feeds[0]["input"][0, 0, 5, 5] = 3e38
-    model, report = compress(
+    model, _ = compress(
         str(FIXTURES / "mnist_cnn.onnx"),
         ["prune:ratio=0.3"],
         calibration=feeds,
