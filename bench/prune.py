@@ -33,10 +33,10 @@ SETTINGS = [
     "prune:ratio=0.3,round_to=16",
     "prune:ratio=0.5,round_to=16",
     "prune:target_macs=0.5",
-    "prune:mode=sparsity,ratio=0.5",
+    "sparsity:ratio=0.5",
 ]
 #: The masked refit solves one system per output column: only on the small models.
-SMALL_ONLY = ["prune:mode=sparsity,ratio=0.5,repair=lstsq"]
+SMALL_ONLY = ["sparsity:ratio=0.5,repair=lstsq"]
 
 
 def cnn_case():
