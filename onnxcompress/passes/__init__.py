@@ -16,9 +16,8 @@ from onnxcompress.passes.base import (
 )
 from onnxcompress.passes.codebook import Codebook
 from onnxcompress.passes.lowrank import LowRank
-from onnxcompress.passes.prune import Prune
+from onnxcompress.passes.prune import Prune, Sparsity
 from onnxcompress.passes.qdq import Int4, Qdq
-from onnxcompress.passes.sparsity import Sparsity
 
 PASSES: dict[str, type[CompressionPass]] = {
     cls.name: cls for cls in (LowRank, Prune, Sparsity, Codebook, Qdq, Int4)
