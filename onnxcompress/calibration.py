@@ -69,6 +69,26 @@ def _dim(dim: object) -> int | str | None:
     return name if isinstance(name, str) and name not in ("", "?") else None
 
 
+def with_default_batch(model: ir.Model, dims: Mapping[str, int]) -> tuple[Dims, list[str]]:
+    """``dims`` plus a size of 1 for each input's symbolic leading (batch) axis that ``dims``
+    leaves open, as exporters write a dynamic batch (``N``, ``batch``, ``-1``); and a note for
+    each default taken. Other symbolic axes stay open: guessing a sequence length or an image
+    size would hide a choice the user has to make."""
+    chosen: Dims = dict(dims)
+    notes = []
+    for spec in input_specs(model):
+        batch = spec.dims[0] if spec.dims else 1
+        if isinstance(batch, int) or f"{spec.name}:0" in chosen or batch in chosen:
+            continue
+        key = batch if isinstance(batch, str) else f"{spec.name}:0"
+        chosen[key] = 1
+        notes.append(
+            f"input {spec.name!r}: batch axis ({key}) set to 1 for synthetic feeds and "
+            f"accounting (set it with --dim {key}=N)"
+        )
+    return chosen, notes
+
+
 def known_input_shapes(model: ir.Model, dims: Mapping[str, int]) -> dict[str, list[int]]:
     """Concrete shapes of the inputs that ``dims`` (or the model itself) settles fully."""
     shapes = {}

@@ -10,7 +10,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxcompress import model_io
-from onnxcompress.calibration import known_input_shapes
+from onnxcompress.calibration import known_input_shapes, with_default_batch
 from onnxcompress.graph import default_opset, model_macs, node_label, node_macs, weight_params
 from onnxcompress.normalize import normalize
 from onnxcompress.passes import PASSES
@@ -75,7 +75,9 @@ def inspect_model(source: model_io.ModelLike, dims: Mapping[str, int] | None = N
     loaded = model_io.load(source)
     model = loaded.model
     notes = normalize(model)
-    input_shapes = known_input_shapes(model, dims or {})
+    dims, batch_notes = with_default_batch(model, dims or {})
+    notes += batch_notes
+    input_shapes = known_input_shapes(model, dims)
     shapes = resolve_shapes(model, input_shapes)
     params, nbytes = weight_params(model)
     layers = [_layer(node, shapes) for node in model.graph if _weights(node)]

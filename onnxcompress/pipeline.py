@@ -3,6 +3,7 @@ graph after it, validate against the original in onnxruntime, gate, report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from onnxcompress.calibration import (
     known_input_shapes,
     load_feeds,
     synthetic_feeds,
+    with_default_batch,
     zeros_feed,
 )
 from onnxcompress.errors import BadModel, BadOption, CannotRun, PassBrokeGraph, ToleranceExceeded
@@ -111,6 +113,9 @@ def run_recipe(
     passes = recipe.build()  # every recipe error surfaces before any work
     model = loaded.model
     notes = [*loaded.notes, *normalize(model)]
+    if calibration is None:  # synthetic feeds and accounting need a batch size: 1 by default
+        dims, batch_notes = with_default_batch(model, options.dims or {})
+        options, notes = dataclasses.replace(options, dims=dims), [*notes, *batch_notes]
     feeds = _feeds(calibration, model, options)
     input_shapes = (
         {name: list(array.shape) for name, array in feeds[0].items()}

@@ -123,14 +123,31 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path, good, name
 
 
 def test_symbolic_dim_without_value_names_the_fix(tmp_path):
+    """A dynamic batch (axis 0) defaults to 1; any other symbolic size needs --dim."""
     path = tmp_path / "dyn.onnx"
-    onnx.save(matmul_model(["N", 64], k=64, n=64), path)
+    onnx.save(matmul_model(["N", "T", 64], k=64, n=64), path)
     before = sha256(path)
     result = invoke("compress", path, "-o", tmp_path / "o.onnx", *LOWRANK)
-    assert_one_clear_line(result, 2, "input 'X' axis 0", "--dim N=VALUE")
+    assert_one_clear_line(result, 2, "input 'X' axis 1", "--dim T=VALUE")
     assert not (tmp_path / "o.onnx").exists() and sha256(path) == before
-    result = invoke("compress", path, "-o", tmp_path / "o.onnx", *LOWRANK, "--dim", "N=2")
+    result = invoke("compress", path, "-o", tmp_path / "o.onnx", *LOWRANK, "--dim", "T=2")
     assert result.exit_code == 0, result.output
+
+
+def test_a_dynamic_batch_needs_no_flag(tmp_path):
+    """Issue 11: torch exports with a dynamic batch once needed --dim N=1 for inspect and for
+    compress without data; the batch now defaults to 1, said once in the report."""
+    path = tmp_path / "dyn.onnx"
+    onnx.save(matmul_model(["N", 64], k=64, n=64), path)
+    result = invoke("inspect", path)
+    assert result.exit_code == 0, result.output
+    assert "batch axis (N) set to 1" in result.output
+    report = tmp_path / "r.json"
+    result = invoke("compress", path, "-o", tmp_path / "o.onnx", *LOWRANK, "--report", report)
+    assert result.exit_code == 0, result.output
+    notes = json.loads(report.read_text())["normalization"]
+    assert sum("batch axis (N) set to 1" in note for note in notes) == 1
+    assert json.loads(report.read_text())["before"]["macs"] == 64 * 64
 
 
 def test_weight_that_is_a_graph_input_is_skipped_with_reason(tmp_path):

@@ -136,3 +136,18 @@ def test_latency_aware_lowrank_on_ultraface_keeps_only_measured_gains(real):
     assert {layer.detail["merged_into"] for layer in merged} <= {"Conv(310)"}
     scores, boxes = report.validation.outputs
     assert scores.rel_l2 < 0.1 and scores.top1_agreement > 0.99 and boxes.rel_l2 < 0.05
+
+
+def test_torch_export_with_a_dynamic_batch_needs_no_dim(real, tmp_path):
+    """Issue 11: EfficientNet-Lite1 (torch export, input [batch, 3, 240, 240]) is inspected
+    and compressed without --dim; the batch defaults to 1."""
+    source = real / "efficientnet_lite1.onnx"
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", str(source)])
+    assert result.exit_code == 0, result.output
+    assert "batch axis (batch) set to 1" in result.output
+    out = tmp_path / "eff.onnx"
+    args = ["compress", str(source), "-o", str(out), "-p", "lowrank:energy=0.9", "--samples", "2"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert out.exists() and "pass lowrank" in result.output
