@@ -313,7 +313,11 @@ def _no_initializer_value_info(model: ir.Model):
     onnx_ir writes one for every typed value; for weights it only repeats what the tensor
     already says, and it grows a file that the user asked to make smaller.
     """
-    saved = [(v, v.type, v.shape) for v in _initializers(model) if not v.is_graph_input()]
+    saved = [
+        (v, v.type, v.shape)
+        for v in _initializers(model)
+        if not v.is_graph_input() and not v.is_graph_output()  # an output must keep its type
+    ]
     for value, _, _ in saved:
         value.type, value.shape = None, None
     try:

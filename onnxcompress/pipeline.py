@@ -193,7 +193,7 @@ def _check(name: str, model: ir.Model) -> str | None:
             return None
         with stripped_proto(model) as proto:
             if name == "checker":
-                onnx.checker.check_model(proto)
+                onnx.checker.check_model(proto, full_check=True)
             else:
                 onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as exc:

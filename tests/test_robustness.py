@@ -1,0 +1,55 @@
+"""Issue 11, valid models that once crashed or came out invalid: every pass either rewrites
+them into a model that passes onnx's full check, or leaves layers alone with a reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.test_cli import invoke
+
+PASS_SETTINGS = [
+    "lowrank:rank=8",
+    "int4",
+    "codebook",
+    "prune:ratio=0.3",
+    "sparsity:ratio=0.5",
+    "qdq",
+]
+
+
+def _weight_as_output() -> onnx.ModelProto:
+    """A model that exposes a weight as a graph output (some exporters do, for debugging)."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), name)
+        for name in ("W1", "W2")
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["y"]),
+            helper.make_node("MatMul", ["y", "W2"], ["z"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+        [
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 64]),
+            helper.make_tensor_value_info("W2", TensorProto.FLOAT, [64, 64]),
+        ],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("setting", PASS_SETTINGS)
+def test_a_weight_that_is_a_graph_output_survives_every_pass(tmp_path, setting):
+    """The saved file once lost the output's type (`Field 'type' of 'value_info' is required`)."""
+    source, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_weight_as_output(), source)
+    result = invoke("compress", source, "-o", out, "-p", setting)
+    assert result.exit_code == 0, result.output
+    saved = onnx.load(out)
+    onnx.checker.check_model(saved, full_check=True)
+    assert [o.name for o in saved.graph.output] == ["z", "W2"]
