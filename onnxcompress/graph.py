@@ -43,6 +43,16 @@ def weight_problem(value: ir.Value | None, allow_shared: bool = False) -> str | 
     return None
 
 
+def values_problem(array: np.ndarray) -> str | None:
+    """Why a weight's values cannot be compressed (empty, or NaN/infinite, which break SVD,
+    k-means and scales alike), or None."""
+    if array.size == 0:
+        return "weight is empty"
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        return "weight holds NaN or infinite values"
+    return None
+
+
 def is_constant(value: ir.Value | None) -> bool:
     """A value with a constant tensor that the user cannot feed (not a graph input)."""
     return value is not None and value.const_value is not None and not value.is_graph_input()

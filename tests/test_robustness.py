@@ -53,3 +53,35 @@ def test_a_weight_that_is_a_graph_output_survives_every_pass(tmp_path, setting):
     saved = onnx.load(out)
     onnx.checker.check_model(saved, full_check=True)
     assert [o.name for o in saved.graph.output] == ["z", "W2"]
+
+
+def _single_matmul(weight: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, weight.shape[0]])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, weight.shape[1]])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _bad_weight(kind: str) -> np.ndarray:
+    if kind == "empty":
+        return np.zeros((0, 8), np.float32)
+    weight = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    weight[3, 4] = np.nan if kind == "nan" else np.inf
+    return weight
+
+
+@pytest.mark.parametrize("kind", ["empty", "nan", "inf"])
+@pytest.mark.parametrize("setting", ["lowrank:rank=8", "codebook:min_size=1", "sparsity"])
+def test_weights_that_cannot_be_compressed_are_skipped_with_a_reason(tmp_path, kind, setting):
+    """An empty weight once raised ZeroDivisionError, a NaN one `SVD did not converge`."""
+    source, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_single_matmul(_bad_weight(kind)), source)
+    result = invoke("compress", source, "-o", out, "-p", setting, "--no-validate")
+    assert result.exit_code == 0, result.output
+    reason = "weight is empty" if kind == "empty" else "weight holds NaN or infinite values"
+    if not (kind == "empty" and setting.startswith("codebook")):  # not a candidate at all
+        assert f"skipped: {reason}" in result.output

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph import default_opset, weight_array
+from onnxcompress.graph import default_opset, values_problem, weight_array
 from onnxcompress.passes.base import (
     CompressionPass,
     LayerReport,
@@ -143,6 +143,9 @@ class Codebook(CompressionPass):
             raise Skip("weight is read inside a subgraph")
         if value.const_value.size < cfg.min_size:
             raise Skip(f"{value.const_value.size} values < min_size {cfg.min_size}")
+        problem = values_problem(weight_array(value))
+        if problem:
+            raise Skip(problem)
         if cfg.ops and not all(user.op_type in cfg.ops for user in users):
             kinds = ", ".join(sorted({u.op_type for u in users}))
             raise Skip(f"read by {kinds}, not in ops")

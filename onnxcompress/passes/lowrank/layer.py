@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.conv import ConvGeometry
-from onnxcompress.graph import Shapes, weight_array, weight_problem
+from onnxcompress.graph import Shapes, values_problem, weight_array, weight_problem
 from onnxcompress.passes.base import Skip
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
@@ -62,6 +62,9 @@ def view(node: ir.Node) -> Layer:
         raise Skip(f"weight dtype {weight_value.const_value.dtype.name} is not float")
     if node.inputs[0] is not None and node.inputs[0].const_value is not None:
         raise Skip("left operand is constant too")
+    problem = values_problem(weight_array(weight_value))
+    if problem:
+        raise Skip(problem)
     if node.op_type in ("Conv", "ConvTranspose"):
         return _conv_view(node, weight_array(weight_value))
     if len(weight_value.const_value.shape) != 2:

@@ -13,7 +13,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.emit import Emitter
-from onnxcompress.graph import node_label, set_constant, weight_axes, weight_problem
+from onnxcompress.graph import (
+    node_label,
+    set_constant,
+    values_problem,
+    weight_array,
+    weight_axes,
+    weight_problem,
+)
 from onnxcompress.passes.base import (
     CompressionPass,
     LayerReport,
@@ -88,6 +95,8 @@ class Sparsity(CompressionPass):
             problem = weight_problem(weight)
             if problem is None and weight.const_value.dtype not in _FLOAT:
                 problem = f"weight dtype {weight.const_value.dtype.name} is not float"
+            if problem is None:
+                problem = values_problem(weight_array(weight))
             if problem is None and name_matches(node, self.config.exclude):
                 problem = "excluded by name pattern"
             if problem:
