@@ -25,7 +25,13 @@ from onnxcompress.passes.base import (
     check_fields,
     name_matches,
 )
-from onnxcompress.ranges import METHODS, TensorStats, choose_range, collect
+from onnxcompress.passes.quant.ranges import (
+    METHODS,
+    TensorStats,
+    choose_range,
+    collect,
+    zero_inclusive,
+)
 from onnxcompress.validate import Runner, compare
 
 logger = logging.getLogger(__name__)
@@ -176,8 +182,8 @@ class Qdq(CompressionPass):
         cfg = self.config
         symmetric = cfg.activation_symmetric
         ranges = {
-            name: _zero_inclusive(
-                choose_range(
+            name: zero_inclusive(
+                *choose_range(
                     stats[name],
                     cfg.method,
                     levels=255,
@@ -381,11 +387,6 @@ def _values_by_name(planned: list[ir.Node]) -> dict[str, ir.Value]:
 
 
 # -- ranges helpers ----------------------------------------------------------------------
-
-
-def _zero_inclusive(bounds: tuple[float, float]) -> tuple[float, float]:
-    lo, hi = bounds
-    return min(lo, 0.0), max(hi, 0.0)
 
 
 def _absorb_clamping(
