@@ -10,7 +10,7 @@ from onnxcompress.passes.base import (
 from onnxcompress.passes.codebook import Codebook
 from onnxcompress.passes.lowrank import LowRank
 from onnxcompress.passes.prune import Prune
-from onnxcompress.passes.qdq import Int4, Qdq
+from onnxcompress.passes.quant import Int4, Qdq
 
 PASSES: dict[str, type[CompressionPass]] = {
     cls.name: cls for cls in (LowRank, Prune, Codebook, Qdq, Int4)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.passes.quant.ranges import TensorStats, choose_range, collect, fake_quantize
-from tests.passes.test_qdq import conv_model, feeds
+from tests.passes.quant.test_qdq import conv_model, feeds
 
 
 def stats_of(values: np.ndarray) -> TensorStats:
