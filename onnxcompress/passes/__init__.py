@@ -17,7 +17,7 @@ from onnxcompress.passes.base import (
 from onnxcompress.passes.codebook import Codebook
 from onnxcompress.passes.lowrank import LowRank
 from onnxcompress.passes.prune import Prune, Sparsity
-from onnxcompress.passes.qdq import Int4, Qdq
+from onnxcompress.passes.quant import Int4, Qdq
 
 PASSES: dict[str, type[CompressionPass]] = {
     cls.name: cls for cls in (LowRank, Prune, Sparsity, Codebook, Qdq, Int4)

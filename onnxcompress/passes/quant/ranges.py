@@ -1,8 +1,8 @@
 """Activation ranges for quantization, from running statistics over calibration feeds.
 
 Feeds stream through onnxruntime one batch at a time, exposing only the tensors that need a
-range; each batch is folded into fixed-size statistics (min/max, per-channel sums, a histogram)
-and dropped, so memory stays bounded by one batch whatever the number of samples.
+range; each batch is folded into fixed-size statistics (min/max, per-channel means, a
+histogram) and dropped, so memory stays bounded by one batch whatever the number of samples.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.calibration import Feed
-from onnxcompress.validate import Runner
+from onnxcompress.stats import ChannelMean, captured
 
 logger = logging.getLogger(__name__)
 
@@ -30,28 +30,22 @@ class TensorStats:
 
     lo: float = np.inf
     hi: float = -np.inf
-    channel_sum: np.ndarray | None = None  # per-channel sums (for bias correction)
-    channel_count: int = 0
+    channels: ChannelMean | None = None  # per-channel means (for bias correction), if asked
     hist: np.ndarray | None = None  # counts over [-edge, edge], exact zeros left out
     edge: float = 0.0
     zeros: int = 0  # exact zeros (ReLU outputs): representable exactly, so never clipped
 
     @property
     def channel_mean(self) -> np.ndarray | None:
-        if self.channel_sum is None or not self.channel_count:
-            return None
-        return self.channel_sum / self.channel_count
+        return None if self.channels is None else self.channels.mean
 
-    def add_extremes(self, array: np.ndarray, channel_axis: int | None) -> None:
+    def add_extremes(self, array: np.ndarray) -> None:
         if array.size == 0:
             return
         self.lo = min(self.lo, float(array.min()))
         self.hi = max(self.hi, float(array.max()))
-        if channel_axis is not None and array.ndim > channel_axis:
-            moved = np.moveaxis(array, channel_axis, -1).astype(np.float64)
-            sums = moved.reshape(-1, moved.shape[-1]).sum(0)
-            self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
-            self.channel_count += moved.size // moved.shape[-1]
+        if self.channels is not None and array.ndim > self.channels.axis:
+            self.channels.add(array)
 
     def add_histogram(self, array: np.ndarray) -> None:
         if self.hist is None:
@@ -75,24 +69,26 @@ def collect(
 ) -> dict[str, TensorStats]:
     """Statistics of the named tensors over ``feeds``, a batch at a time.
 
-    A first sweep gathers min/max (and per-channel sums); histogram methods need the final
-    extremes to fix their bins, so they take a second sweep.
+    A first sweep gathers min/max (and per-channel means of the tensors in
+    ``channel_axes``); histogram methods need the final extremes to fix their bins, so they
+    take a second sweep.
     """
-    stats = {name: TensorStats() for name in names}
-    runner = Runner(model, "model being calibrated", extra_outputs=list(names))
-    try:
-        sweeps = 2 if histograms else 1
-        for i, feed in enumerate(feeds):
-            for name, array in runner.capture(feed).items():
-                stats[name].add_extremes(array, (channel_axes or {}).get(name))
-            _tick(progress, f"calibration 1/{sweeps}", i + 1, len(feeds))
-        if histograms:
-            for i, feed in enumerate(feeds):
-                for name, array in runner.capture(feed).items():
-                    stats[name].add_histogram(array)
-                _tick(progress, "calibration 2/2", i + 1, len(feeds))
-    finally:
-        runner.close()
+    axes = channel_axes or {}
+    stats = {
+        name: TensorStats(channels=ChannelMean(axes[name]) if name in axes else None)
+        for name in names
+    }
+    sweeps = 2 if histograms else 1
+    label = "model being calibrated"
+    for i, values in enumerate(captured(model, names, feeds, label)):
+        for name, array in values.items():
+            stats[name].add_extremes(array)
+        _tick(progress, f"calibration 1/{sweeps}", i + 1, len(feeds))
+    if histograms:
+        for i, values in enumerate(captured(model, names, feeds, label)):
+            for name, array in values.items():
+                stats[name].add_histogram(array)
+            _tick(progress, "calibration 2/2", i + 1, len(feeds))
     missing = [n for n, s in stats.items() if s.lo > s.hi]
     if missing:
         logger.debug("no values seen for %d tensors", len(missing))
@@ -175,7 +171,7 @@ class _HistogramError:
         self.levels, self.symmetric = levels, symmetric
 
     def __call__(self, lo: float, hi: float) -> float:
-        lo, hi = _zero_inclusive(lo, hi, self.symmetric)
+        lo, hi = zero_inclusive(lo, hi, self.symmetric)
         restored = fake_quantize(self.centers, lo, hi, self.levels)
         return float(self.counts @ np.square(self.centers - restored))
 
@@ -196,10 +192,12 @@ def _mse_range(stats: TensorStats, levels: int, symmetric: bool) -> tuple[float,
             continue
         hi = stats.hi * min(factors, key=lambda f: error(lo, stats.hi * f))
         lo = stats.lo * min(factors, key=lambda f: error(stats.lo * f, hi))
-    return _zero_inclusive(lo, hi, symmetric)
+    return zero_inclusive(lo, hi, symmetric)
 
 
-def _zero_inclusive(lo: float, hi: float, symmetric: bool) -> tuple[float, float]:
+def zero_inclusive(lo: float, hi: float, symmetric: bool = False) -> tuple[float, float]:
+    """[lo, hi] widened to hold zero (which must be exactly representable), and centred on it
+    when ``symmetric``."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if symmetric:
         bound = max(-lo, hi)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.ranges import TensorStats, choose_range, collect, fake_quantize
-from tests.passes.test_qdq import conv_model, feeds
+from onnxcompress.passes.quant.ranges import TensorStats, choose_range, collect, fake_quantize
+from tests.passes.quant.test_qdq import conv_model, feeds
 
 
 def stats_of(values: np.ndarray) -> TensorStats:
     stats = TensorStats()
     for chunk in np.array_split(values, 4):  # several batches, as calibration sees them
-        stats.add_extremes(chunk, None)
+        stats.add_extremes(chunk)
     for chunk in np.array_split(values, 4):
         stats.add_histogram(chunk)
     return stats
@@ -77,7 +77,7 @@ def test_no_values_gives_an_empty_range():
 
 
 def test_entropy_guard_never_raises_the_histogram_error_above_min_max():
-    from onnxcompress.ranges import _HistogramError
+    from onnxcompress.passes.quant.ranges import _HistogramError
 
     values = np.random.default_rng(3).exponential(1.0, 200_000).astype(np.float32)
     stats = stats_of(values)

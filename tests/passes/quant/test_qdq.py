@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import Recipe, RecipeError, compress
 from onnxcompress.emit import PASS_TAG
-from onnxcompress.passes.qdq import equalize, fold_batchnorms
+from onnxcompress.passes.quant.batchnorm import fold_batchnorms
+from onnxcompress.passes.quant.equalize import equalize
 from onnxcompress.pipeline import Options
 from tests.conftest import parse, run
 

@@ -1,0 +1,232 @@
+"""The qdq pass: int8 static quantization by QuantizeLinear/DequantizeLinear insertion
+(weights per channel, activations calibrated), with its optional float aids before it
+(BatchNormalization folding, cross-layer equalization, bias correction)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.calibration import Feed, synthetic_feeds
+from onnxcompress.emit import Emitter
+from onnxcompress.errors import BadData
+from onnxcompress.graph import default_opset, node_label, weight_axes
+from onnxcompress.passes.base import (
+    CompressionPass,
+    LayerReport,
+    PassContext,
+    PassReport,
+    check_fields,
+)
+from onnxcompress.passes.quant.batchnorm import fold_batchnorms
+from onnxcompress.passes.quant.bias_correction import correct_bias
+from onnxcompress.passes.quant.equalize import equalize
+from onnxcompress.passes.quant.insert import (
+    constant_dq,
+    insert_qdq,
+    int32_bias_ok,
+    quantize_bias,
+    quantize_constant_inputs,
+)
+from onnxcompress.passes.quant.plan import (
+    DEFAULT_OP_TYPES,
+    SUPPORTED_OP_TYPES,
+    activation_tensors,
+    constant_bias,
+    has_constant_weight,
+    input_channel_axes,
+    plan_nodes,
+    tie_shared_ranges,
+    values_by_name,
+)
+from onnxcompress.passes.quant.qparams import (
+    QParams,
+    activation_qparams,
+    dequantize,
+    quantize_symmetric,
+)
+from onnxcompress.passes.quant.ranges import (
+    METHODS,
+    TensorStats,
+    choose_range,
+    collect,
+    zero_inclusive,
+)
+from onnxcompress.passes.quant.sensitivity import layer_sensitivity
+
+logger = logging.getLogger(__name__)
+
+#: Per-channel DequantizeLinear (the ``axis`` attribute) exists from opset 13.
+PER_CHANNEL_OPSET = 13
+
+
+class Qdq(CompressionPass):
+    """Inserts QuantizeLinear/DequantizeLinear: int8 weights per channel, calibrated activations."""
+
+    name = "qdq"
+
+    @dataclass(frozen=True)
+    class Config:
+        method: str = "minmax"  # minmax | percentile | entropy | mse
+        percentile: float = 99.99
+        entropy_guard: bool = True  # entropy: drop KL thresholds that raise the tensor's error
+        activation_type: str = "uint8"  # uint8 | int8
+        activation_symmetric: bool = False
+        per_channel: bool = True  # weights: one scale per output channel, else per tensor
+        op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+        exclude: tuple[str, ...] = ()  # node-name glob patterns to leave in float
+        exclude_first_last: bool = False  # keep the first and last weighted layers in float
+        fold_batchnorm: bool = True  # fold Conv -> BatchNormalization before quantizing
+        equalize: bool = False  # cross-layer equalization of Conv pairs (Nagel et al. 2019)
+        bias_correction: bool = False  # undo the mean shift weight rounding causes
+        sensitivity: bool = False  # per weighted layer: output error with it alone quantized
+
+        def __post_init__(self) -> None:
+            unknown = sorted(set(self.op_types) - SUPPORTED_OP_TYPES)
+            if unknown:
+                raise ValueError(f"op_types: unsupported {', '.join(unknown)}")
+            check_fields(
+                self,
+                {
+                    "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+                    "percentile": (lambda v: 50 < v <= 100, "in (50, 100]"),
+                    "activation_type": (lambda v: v in ("uint8", "int8"), "uint8 or int8"),
+                },
+            )
+
+    def required_opset(self, model: ir.Model) -> int | None:
+        opset = default_opset(model) or PER_CHANNEL_OPSET
+        return PER_CHANNEL_OPSET if opset < PER_CHANNEL_OPSET else None
+
+    @classmethod
+    def applies(cls, node: ir.Node) -> bool:
+        return node.op_type in DEFAULT_OP_TYPES and node.domain in ("", "ai.onnx")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassReport:
+        cfg = self.config
+        report = PassReport(self.name, self.config_dict())
+        emitter = Emitter(model, self.name)
+        if cfg.fold_batchnorm:
+            folded = fold_batchnorms(model, emitter)
+            if folded:
+                report.notes.append(f"folded {folded} BatchNormalization into Conv")
+        planned, skipped = plan_nodes(model, cfg.op_types, cfg.exclude, cfg.exclude_first_last)
+        report.layers.extend(skipped)
+        if cfg.equalize:
+            report.notes.append(equalize(model, planned))
+        feeds = _feeds(model, ctx)
+        tensors = activation_tensors(planned)
+        stats = collect(
+            model,
+            sorted(tensors),
+            feeds,
+            histograms=cfg.method != "minmax",
+            channel_axes=input_channel_axes(planned) if cfg.bias_correction else None,
+            progress=ctx.progress,
+        )
+        params = self._activation_params(model, planned, tensors, stats)
+        sensitivity = self._sensitivity(model, planned, params, stats, feeds)
+        report.layers.extend(self._rewrite(emitter, planned, params, stats, sensitivity))
+        model.graph.sort()
+        return report
+
+    def _activation_params(self, model, planned, tensors, stats) -> dict[str, QParams]:
+        """Per tensor: its range by the chosen method, widened to hold 0 and tied to its
+        shared-scale group, as scale and zero point of the activation type."""
+        cfg = self.config
+        ranges = {name: zero_inclusive(*self._range(stats[name])) for name in tensors}
+        tie_shared_ranges(model, planned, ranges)
+        dtype = ir.DataType.UINT8 if cfg.activation_type == "uint8" else ir.DataType.INT8
+        return {
+            name: activation_qparams(lo, hi, dtype, cfg.activation_symmetric)
+            for name, (lo, hi) in ranges.items()
+        }
+
+    def _range(self, stats: TensorStats) -> tuple[float, float]:
+        cfg = self.config
+        return choose_range(
+            stats,
+            cfg.method,
+            levels=255,
+            symmetric=cfg.activation_symmetric,
+            percentile=cfg.percentile,
+            entropy_guard=cfg.entropy_guard,
+        )
+
+    def _sensitivity(self, model, planned, params, stats, feeds) -> dict[str, float]:
+        """With ``sensitivity``: each weighted layer's output error when quantized alone."""
+        if not self.config.sensitivity:
+            return {}
+
+        def rewrite(copy: ir.Model, nodes: list[ir.Node], chosen: dict[str, QParams]) -> None:
+            self._rewrite(Emitter(copy, self.name), nodes, chosen, stats)
+
+        return layer_sensitivity(model, planned, params, feeds, rewrite)
+
+    def _rewrite(self, emitter, planned, params, stats, sensitivity=None) -> list[LayerReport]:
+        """Insert Q/DQ on every activation in ``params``, then quantize each planned node's
+        weight (and bias) or constant operands; one report per node, with its ``sensitivity``
+        when measured."""
+        sensitivity = sensitivity or {}
+        values = values_by_name(planned)
+        # the names of the float inputs, before insert_qdq points the nodes at their DQ copies
+        sources = {id(node): node.inputs[0].name for node in planned}
+        for name, qparams in params.items():
+            insert_qdq(emitter, values[name], qparams)
+        layers = []
+        for node in planned:
+            if has_constant_weight(node):
+                source = sources[id(node)]
+                layer = self._quantize_weighted(emitter, node, params[source], stats.get(source))
+                if node_label(node) in sensitivity:
+                    layer.detail["sensitivity_rel_l2"] = sensitivity[node_label(node)]
+            else:
+                quantize_constant_inputs(emitter, node, params)
+                layer = LayerReport.rewritten(node, {"activations": self.config.activation_type})
+            layers.append(layer)
+        return layers
+
+    def _quantize_weighted(
+        self,
+        emitter: Emitter,
+        node: ir.Node,
+        input_params: QParams,
+        input_stats: TensorStats | None,
+    ) -> LayerReport:
+        """Weight -> int8 per channel (or per tensor) through a DequantizeLinear, after bias
+        correction when asked; a bias the kernels can take becomes int32 with scale s_x·s_w."""
+        weight = node.inputs[1]
+        array = np.asarray(weight.const_value.numpy(), np.float32)
+        axis = weight_axes(node).out if self.config.per_channel else None
+        quantized, scales = quantize_symmetric(array, axis)
+        restored = dequantize(quantized, scales, axis)
+        detail: dict = {"axis": axis, "input_scale": float(f"{input_params.scale:.4g}")}
+        if self.config.bias_correction:
+            mean = None if input_stats is None else input_stats.channel_mean
+            detail["bias_correction"] = correct_bias(emitter, node, array, restored, mean)
+        bias = constant_bias(node)
+        zeros = np.zeros(scales.shape, np.int8)  # explicit: QGemm fusion needs B's zero point
+        node.replace_input_with(1, constant_dq(emitter, weight, quantized, scales, zeros, axis))
+        if bias is not None and int32_bias_ok(node, bias, axis, scales):
+            quantize_bias(emitter, node, bias, input_params.scale * scales)
+        return LayerReport.rewritten(
+            node,
+            detail,
+            original=array,
+            restored=restored,
+            params=(array.size, array.size),
+            nbytes=(array.nbytes, quantized.nbytes + scales.nbytes + zeros.nbytes),
+        )
+
+
+def _feeds(model: ir.Model, ctx: PassContext) -> list[Feed]:
+    """The user's calibration feeds, else seeded synthetic ones (ranges need some data)."""
+    if ctx.calibration:
+        return list(ctx.calibration)
+    try:
+        return synthetic_feeds(model, {}, seed=ctx.seed)
+    except BadData as exc:
+        raise BadData(f"qdq needs calibration data (--calibration): {exc}") from None
