@@ -121,16 +121,3 @@ def _bias_use(node: ir.Node, bias: ir.Value) -> tuple[ir.Node, int]:
         return node, 2
     (add, _) = node.outputs[0].uses()[0]
     return add, next(i for i, value in enumerate(add.inputs) if value is bias)
-
-
-def add_weight(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray) -> ir.Value:
-    """Transitional: ``Emitter.constant`` for code not yet on the Emitter."""
-    name = namer.fresh(base)
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.Tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value

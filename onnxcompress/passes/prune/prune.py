@@ -23,7 +23,7 @@ from onnxcompress.passes.prune.channel_graph import ChannelGraph, Group
 from onnxcompress.passes.prune.channel_ops import build
 from onnxcompress.passes.prune.channel_removal import apply
 from onnxcompress.passes.prune.importance import AGGREGATE, IMPORTANCE, channel_scores
-from onnxcompress.passes.prune.repair import RefitResult, Target, refit
+from onnxcompress.passes.prune.repair import REFIT_OPTION_RULES, RefitResult, Target, refit
 from onnxcompress.passes.prune.selection import Selection, kept_share, parse_layer_ratio
 from onnxcompress.validate import Runner
 
@@ -69,8 +69,7 @@ class Prune(CompressionPass):
                     "min_channels": (lambda v: v >= 1, "an integer >= 1"),
                     "max_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
                     "repair": (lambda v: v in REPAIR, " or ".join(REPAIR)),
-                    "damping": (lambda v: v >= 0, ">= 0"),
-                    "max_rows": (lambda v: v >= 1, "an integer >= 1"),
+                    **REFIT_OPTION_RULES,
                 },
             )
             for item in self.layer_ratios:

@@ -29,6 +29,11 @@ from onnxcompress.validate import Runner
 
 #: A masked refit solves one system per output column; past this many inputs it is too slow.
 MAX_MASKED_FEATURES = 2048
+#: Checks of the refit options that the passes using it share (``check_fields`` rules).
+REFIT_OPTION_RULES = {
+    "damping": (lambda v: v >= 0, ">= 0"),
+    "max_rows": (lambda v: v >= 1, "an integer >= 1"),
+}
 
 
 class NotRefittable(Exception):

@@ -29,7 +29,7 @@ from onnxcompress.passes.base import (
     check_fields,
     name_matches,
 )
-from onnxcompress.passes.prune.repair import RefitResult, Target, refit
+from onnxcompress.passes.prune.repair import REFIT_OPTION_RULES, RefitResult, Target, refit
 from onnxcompress.validate import Runner
 
 LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -62,8 +62,7 @@ class Sparsity(CompressionPass):
                     "ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
                     "scope": (lambda v: v in ("layer", "global"), "layer or global"),
                     "repair": (lambda v: v in ("none", "lstsq"), "none or lstsq"),
-                    "damping": (lambda v: v >= 0, ">= 0"),
-                    "max_rows": (lambda v: v >= 1, "an integer >= 1"),
+                    **REFIT_OPTION_RULES,
                 },
             )
 
