@@ -9,6 +9,7 @@ import functools
 import glob
 import json
 import logging
+import multiprocessing
 import sys
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -430,7 +431,10 @@ def _run_batch(models, targets, job, jobs) -> list[dict[str, Any]]:
                 results.append(_batch_one(model, target, job))
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
+            # spawn, not fork: a forked child can inherit a lock held by one of onnxruntime's or
+            # BLAS's threads in the parent and hang for good
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
                 for result in pool.map(_batch_one, models, targets, [job] * len(models)):
                     results.append(result)
                     bar.update(1)
