@@ -133,6 +133,7 @@ def run_recipe(
             source=str(loaded.path) if loaded.path else None,
         )
         ctx = PassContext(
+            dims=dict(options.dims or {}),
             calibration=feeds,
             synthetic_calibration=calibration is None,
             teacher=reference,

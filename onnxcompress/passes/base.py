@@ -113,6 +113,7 @@ class PassContext:
     """What passes share: data, the teacher model, shapes, the seed, progress."""
 
     shapes: Shapes = field(default_factory=dict)
+    dims: dict[str, int] = field(default_factory=dict)  # symbolic input sizes (--dim)
     calibration: list[dict[str, np.ndarray]] | None = None
     synthetic_calibration: bool = False  # feeds are seeded noise, not the user's data
     teacher: Runner | None = None  # an onnxruntime session on the original model

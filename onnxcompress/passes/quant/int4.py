@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.emit import Emitter
-from onnxcompress.graph import default_opset, is_constant, weight_axes
+from onnxcompress.graph import default_opset, is_constant, values_problem, weight_array, weight_axes
 from onnxcompress.passes.base import (
     CompressionPass,
     LayerReport,
@@ -143,6 +143,9 @@ def _check_weight(node: ir.Node, exclude: tuple[str, ...]) -> ir.Value:
         raise Skip(f"weight is shared by {len(weight.uses())} uses")
     if weight.dtype != ir.DataType.FLOAT or len(weight.shape or ()) != 2:
         raise Skip("weight is not a 2-D float32 matrix")
+    problem = values_problem(weight_array(weight))
+    if problem:
+        raise Skip(problem)
     return weight
 
 

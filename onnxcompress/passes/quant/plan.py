@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph import bias_input, is_constant
+from onnxcompress.graph import bias_input, is_constant, values_problem, weight_array
 from onnxcompress.passes.base import LayerReport, Skip, name_matches
 
 WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -111,6 +111,9 @@ def _check_weight(node: ir.Node) -> None:
         raise Skip("MatMul weight is not 2-D")
     if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
         raise Skip("Gemm with transA")
+    problem = values_problem(weight_array(weight))
+    if problem:
+        raise Skip(problem)
 
 
 def from_dequantize(value: ir.Value) -> bool:
@@ -141,10 +144,12 @@ def activation_tensors(planned: Iterable[ir.Node]) -> set[str]:
     onnxruntime has float-output forms of its quantized kernels for them."""
     names = set()
     for node in planned:
-        for value in [*_activation_inputs(node), node.outputs[0]]:
-            if not value.name or value.is_graph_output():
-                continue
-            if not _feeds_quantize(value) and not from_dequantize(value):
+        output = node.outputs[0]
+        outputs = [] if output.is_graph_output() else [output]
+        # an input that is also a graph output is quantized for its readers; the graph output
+        # itself stays the float value
+        for value in [*_activation_inputs(node), *outputs]:
+            if value.name and not _feeds_quantize(value) and not from_dequantize(value):
                 names.add(value.name)
     return names
 

@@ -178,8 +178,10 @@ class Qdq(CompressionPass):
             insert_qdq(emitter, values[name], qparams)
         layers = []
         for node in planned:
-            if has_constant_weight(node):
-                source = sources[id(node)]
+            source = sources[id(node)]
+            if has_constant_weight(node) and source not in params:
+                layer = LayerReport.skipped(node, "its input is not quantized (no input scale)")
+            elif has_constant_weight(node):
                 layer = self._quantize_weighted(emitter, node, params[source], stats.get(source))
                 if node_label(node) in sensitivity:
                     layer.detail["sensitivity_rel_l2"] = sensitivity[node_label(node)]
@@ -227,6 +229,6 @@ def _feeds(model: ir.Model, ctx: PassContext) -> list[Feed]:
     if ctx.calibration:
         return list(ctx.calibration)
     try:
-        return synthetic_feeds(model, {}, seed=ctx.seed)
+        return synthetic_feeds(model, ctx.dims, seed=ctx.seed)
     except BadData as exc:
         raise BadData(f"qdq needs calibration data (--calibration): {exc}") from None
