@@ -3,6 +3,7 @@ data shaped like the model's inputs. A feed is one ``{input name: array}`` batch
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,9 @@ Dims = dict[str, int]  # symbolic dim name -> size, or "input:axis" -> size
 
 DEFAULT_SAMPLES = 8
 DEFAULT_BATCH = 8
+#: A synthetic batch of one input larger than this is refused: it would not fit in memory
+#: (a size of 2**40 in a model's input), and a real one would come as data.
+MAX_SYNTHETIC_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,14 @@ def zeros_feed(model: ir.Model, input_shapes: Mapping[str, Sequence[int]]) -> Fe
     specs = input_specs(model)
     if any(spec.name not in input_shapes for spec in specs):
         return None
-    return {spec.name: np.zeros(input_shapes[spec.name], spec.dtype) for spec in specs}
+    shapes = {spec.name: tuple(input_shapes[spec.name]) for spec in specs}
+    if any(_nbytes(shapes[spec.name], spec.dtype) > MAX_SYNTHETIC_BYTES for spec in specs):
+        return None  # accounting only: shapes stay as inference gives them
+    return {spec.name: np.zeros(shapes[spec.name], spec.dtype) for spec in specs}
+
+
+def _nbytes(shape: Sequence[int], dtype: np.dtype) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize
 
 
 def parse_dims(items: Sequence[str]) -> Dims:
@@ -126,6 +137,12 @@ def synthetic_feeds(
     rng = np.random.default_rng(seed)
     specs = input_specs(model)
     shapes = {spec.name: spec.shape(dims) for spec in specs}
+    for spec in specs:
+        if _nbytes(shapes[spec.name], spec.dtype) > MAX_SYNTHETIC_BYTES:
+            raise BadData(
+                f"input {spec.name!r} of shape {list(shapes[spec.name])} is too large for "
+                f"synthetic data; give smaller sizes with --dim, or real data"
+            )
     return [
         {spec.name: _random(rng, spec.dtype, shapes[spec.name]) for spec in specs}
         for _ in range(samples)

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from onnxcompress import model_io
+from onnxcompress import guards, model_io
 from onnxcompress.calibration import load_feeds, parse_dims, synthetic_feeds
 from onnxcompress.errors import OnnxCompressError, ToleranceExceeded
 from onnxcompress.inspection import inspect_model
@@ -420,7 +420,7 @@ def _refuse_batch_overwrites(models: list[Path], targets: list[Path], output_dir
     an output would overwrite: refused the same way.)"""
     outputs = [item for target in targets for item in _batch_outputs(target)]
     outputs.append(("summary", output_dir / "summary.json"))
-    model_io.refuse_overwrites(outputs, [model for model in models if model.is_file()])
+    guards.refuse_overwrites(outputs, [model for model in models if model.is_file()])
 
 
 def _run_batch(models, targets, job, jobs) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ import onnx.numpy_helper
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from onnxcompress import guards
 from onnxcompress.errors import BadModel, BadPath
 
 logger = logging.getLogger(__name__)
@@ -116,11 +117,15 @@ def _from_proto(proto: onnx.ModelProto, base_dir: Path | None) -> tuple[ir.Model
     Every tensor the model holds (initializers, Constant and other tensor attributes, in
     subgraphs and functions too) is checked before anything reads it: external data must lie
     inside the model's folder."""
-    external = [t for t in all_tensor_protos(proto) if _is_external(t)]
+    guards.check_header(proto)
+    tensors = list(guards.all_tensor_protos(proto))
+    for tensor in tensors:
+        guards.check_tensor_data(tensor)
+    external = [t for t in tensors if guards.is_external(t)]
     if external and base_dir is None:
         raise BadModel("the model references external data; load it from its file path")
     for tensor in external:
-        check_external_location(tensor, base_dir)
+        guards.check_external_location(tensor, base_dir)
     notes = []
     if proto.graph.sparse_initializer:  # on a copy: a caller's ModelProto is never changed
         copy = onnx.ModelProto()
@@ -142,10 +147,6 @@ def keep_external_folder(model: ir.Model, base_dir: Path | str) -> None:
         ir.external_data.set_base_dir(graph, base_dir)
 
 
-def _is_external(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location == onnx.TensorProto.EXTERNAL
-
-
 def _densify_sparse_initializers(graph: onnx.GraphProto) -> list[str]:
     """Sparse initializers become dense ones: passes and onnx_ir read dense tensors only."""
     notes = []
@@ -161,36 +162,6 @@ def _densify_sparse_initializers(graph: onnx.GraphProto) -> list[str]:
         notes.append(f"sparse initializer {sparse.values.name!r} stored dense")
     del graph.sparse_initializer[:]
     return notes
-
-
-def check_external_location(tensor: onnx.TensorProto, base_dir: Path) -> None:
-    """Refuse external data that resolves outside the model's folder or is not there whole.
-
-    A location like ``../../etc/passwd`` or a symlink out of the folder would make a loader
-    read (and a saver write) files the user never meant to expose.
-    """
-    entries = {entry.key: entry.value for entry in tensor.external_data}
-    location = entries.get("location", "")
-    name = tensor.name or "?"
-    if not location or "\0" in location:
-        raise BadModel(f"tensor {name!r}: external data location {location!r} is not a file name")
-    if os.path.isabs(location) or Path(location).drive:
-        raise BadModel(f"tensor {name!r}: external data location {location!r} is absolute")
-    base = os.path.realpath(base_dir)
-    target = os.path.realpath(os.path.join(base, location))
-    if os.path.commonpath([base, target]) != base:
-        raise BadModel(
-            f"tensor {name!r}: external data location {location!r} points outside the "
-            f"model's folder"
-        )
-    if not os.path.isfile(target):
-        raise BadModel(f"tensor {name!r}: external data file {location!r} is missing")
-    try:
-        end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
-    except ValueError:
-        raise BadModel(f"tensor {name!r}: external data offset or length is not a number") from None
-    if end > os.path.getsize(target):
-        raise BadModel(f"tensor {name!r}: external data file {location!r} is truncated")
 
 
 def external_folders(model: ir.Model) -> set[str]:
@@ -333,7 +304,7 @@ def files_on_disk(path: str | os.PathLike) -> list[Path]:
     proto = onnx.load(str(path), load_external_data=False)
     locations = {
         entry.value
-        for tensor in all_tensor_protos(proto)
+        for tensor in guards.all_tensor_protos(proto)
         for entry in tensor.external_data
         if entry.key == "location"
     }
@@ -343,34 +314,6 @@ def files_on_disk(path: str | os.PathLike) -> list[Path]:
 def size_on_disk(path: str | os.PathLike) -> int:
     """Bytes of the model file plus its external data files."""
     return sum(p.stat().st_size for p in files_on_disk(path) if p.exists())
-
-
-def all_tensor_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor a model holds: initializers (sparse ones' values too) and tensor
-    attributes, in the main graph, its subgraphs and the model's functions."""
-    yield from _graph_tensors(proto.graph)
-    for function in proto.functions:
-        yield from _node_tensors(function.node)
-
-
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    yield from _node_tensors(graph.node)
-
-
-def _node_tensors(nodes) -> Iterator[onnx.TensorProto]:
-    for node in nodes:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _graph_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _graph_tensors(sub)
 
 
 def input_files(loaded: Loaded) -> list[Path]:
@@ -398,46 +341,6 @@ def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
                     yield attr.value
                 elif attr.type == ir.AttributeType.TENSORS:
                     yield from attr.value
-
-
-def refuse_overwrites(
-    outputs: list[tuple[str, Path]], inputs: list[Path], replaceable: tuple[Path, ...] = ()
-) -> None:
-    """Raise BadPath before any work when an output (a ``(what, path)`` pair) is one of the
-    ``inputs`` (a model or its data, symlinks followed) or another output of the same run.
-    ``replaceable`` are the inputs an in-place run may replace."""
-    protected = {Path(os.path.realpath(p)) for p in inputs} - {
-        Path(os.path.realpath(p)) for p in replaceable
-    }
-    seen: dict[Path, str] = {}
-    for what, path in outputs:
-        real = Path(os.path.realpath(path))
-        if real in protected:
-            raise BadPath(f"{path}: the {what} would overwrite an input file; choose another path")
-        if real in seen:
-            raise BadPath(f"{path}: the {what} and the {seen[real]} are the same file")
-        seen[real] = what
-
-
-def check_writable(path: str | os.PathLike, what: str) -> None:
-    """Raise BadPath when ``path`` cannot be written as a file: a folder, a name too long, a
-    parent that is a file, a folder we may not write in (a read-only file system, /proc)."""
-    path = Path(path)
-    if path.is_dir():
-        raise BadPath(f"{path}: is a directory; give a file name for the {what}")
-    if len(path.name.encode()) > 255:
-        raise BadPath(f"{path}: the {what}'s file name is too long")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise BadPath(f"{path}: {folder} is not a folder")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".onnxcompress-probe-", dir=folder)
-    except OSError as exc:
-        raise BadPath(f"{path}: cannot write the {what} in {folder} ({exc.strerror})") from None
-    os.close(handle)
-    os.unlink(probe)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 
@@ -28,6 +29,7 @@ def normalize(model: ir.Model) -> list[str]:
     The notes say what changed and what passes will stay away from (custom ops, subgraphs).
     """
     check_opset(model)
+    check_structure(model)
     notes = [
         *_lift_constants(model),
         *_initializers_out_of_inputs(model),
@@ -50,6 +52,48 @@ def check_opset(model: ir.Model) -> None:
             f"unsupported opset {opset} for the default ONNX domain "
             f"(supported: {MIN_OPSET} to {newest})"
         )
+
+
+def check_structure(model: ir.Model) -> None:
+    """Refuse, before any pass and whatever the flags, a graph that no runtime could execute:
+    a node reading a tensor nothing defines, a cycle, a graph output no node makes, an IR
+    version newer than onnx knows. Such a model would otherwise be rewritten and written out
+    as it came. (onnx's checker refuses these too, but also models onnxruntime runs, such as
+    an output declared without a shape.)"""
+    if model.ir_version > onnx.IR_VERSION:
+        raise BadModel(
+            f"IR version {model.ir_version} is newer than this onnx knows ({onnx.IR_VERSION})"
+        )
+    problem = _first_unavailable(model.graph)
+    if problem and not problem[0]:  # nodes merely out of order are sorted; a cycle cannot be
+        with contextlib.suppress(Exception):
+            model.graph.sort()
+        problem = _first_unavailable(model.graph)
+    if problem:
+        raise BadModel(f"not a valid ONNX model: {problem[1]}")
+
+
+def _first_unavailable(graph: ir.Graph) -> tuple[bool, str] | None:
+    """The first value read (or output) before anything in the graph makes it, as (whether
+    nothing makes it at all, why), or None when every value is available in time."""
+    available = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and id(value) not in available:
+                return value.producer() is None, _undefined(node, value)
+        available.update(id(output) for output in node.outputs)
+    for output in graph.outputs:
+        if id(output) not in available:
+            return True, f"graph output {output.name!r} is made by no node"
+    return None
+
+
+def _undefined(node: ir.Node, value: ir.Value) -> str:
+    producer = value.producer()
+    where = f"node {node.name or node.op_type!r}"
+    if producer is None:
+        return f"{where} reads {value.name!r}, which nothing defines"
+    return f"{where} reads {value.name!r} before it is made (a cycle, or nodes out of order)"
 
 
 def _lift_constants(model: ir.Model) -> list[str]:

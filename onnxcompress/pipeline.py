@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxcompress import model_io
+from onnxcompress import guards, model_io
 from onnxcompress.calibration import (
     Feed,
     check_finite,
@@ -312,9 +312,9 @@ def _check_output_paths(loaded, output, report_path, external_data: bool) -> Non
         outputs.append(("report", Path(report_path)))
     inputs = model_io.input_files(loaded)
     in_place = bool(inputs) and Path(os.path.realpath(target)) == inputs[0]
-    model_io.refuse_overwrites(outputs, inputs, replaceable=tuple(inputs) if in_place else ())
+    guards.refuse_overwrites(outputs, inputs, replaceable=tuple(inputs) if in_place else ())
     for what, path in outputs:
-        model_io.check_writable(path, what)
+        guards.check_writable(path, what)
 
 
 def _save_with_sizes(model, output, report: CompressionReport, external_data) -> None:
