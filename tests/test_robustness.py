@@ -241,3 +241,60 @@ def test_nodes_merely_out_of_order_are_sorted_not_refused(tmp_path):
     result = invoke("compress", source, "-o", out, "-p", "lowrank:rank=8")
     assert result.exit_code == 0, result.output
     onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def _flatten_by_shape_path() -> onnx.ModelProto:
+    """Conv -> Reshape to [N, -1] with the target computed from Shape -> Gather -> Concat,
+    the way torch exports EfficientNet's flatten (int64 tensors on the way)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+        numpy_helper.from_array(rng.standard_normal((8 * 6 * 6, 10)).astype(np.float32), "F"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"]),
+        helper.make_node("Shape", ["c"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "zero_axes"], ["batch1"]),
+        helper.make_node("Concat", ["batch1", "minus_one"], ["target"], axis=0),
+        helper.make_node("Reshape", ["c", "target"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "F"], ["y"]),
+    ]
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "zero_axes"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_default_qdq_leaves_shape_computations_alone(tmp_path):
+    """Issue 11: an int64 shape path got a QuantizeLinear and the run ended in exit 3."""
+    source, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_flatten_by_shape_path(), source)
+    result = invoke("compress", source, "-o", out, "-p", "qdq")
+    assert result.exit_code == 0, result.output
+    assert "not float32" in result.output
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_qdq_on_a_float16_model_is_skipped_with_a_reason(tmp_path):
+    weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [3, 64])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT16, [3, 64])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    source, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    result = invoke("compress", source, "-o", out, "-p", "qdq")
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.output
+    onnx.checker.check_model(onnx.load(out), full_check=True)

@@ -154,6 +154,17 @@ def activation_tensors(planned: Iterable[ir.Node]) -> set[str]:
     return names
 
 
+def split_by_tensors(
+    planned: list[ir.Node], names: set[str]
+) -> tuple[list[ir.Node], list[ir.Node]]:
+    """The planned nodes that read or make none of ``names``, and those that do."""
+    kept, touching = [], []
+    for node in planned:
+        values = [*_activation_inputs(node), node.outputs[0]]
+        (touching if any(v.name in names for v in values) else kept).append(node)
+    return kept, touching
+
+
 def _feeds_quantize(value: ir.Value) -> bool:
     return any(use.node.op_type == "QuantizeLinear" for use in value.uses())
 

@@ -39,6 +39,7 @@ from onnxcompress.passes.quant.plan import (
     has_constant_weight,
     input_channel_axes,
     plan_nodes,
+    split_by_tensors,
     tie_shared_ranges,
     values_by_name,
 )
@@ -127,11 +128,22 @@ class Qdq(CompressionPass):
             channel_axes=input_channel_axes(planned) if cfg.bias_correction else None,
             progress=ctx.progress,
         )
+        planned, tensors = self._float32_only(planned, stats, report)
         params = self._activation_params(model, planned, tensors, stats)
         sensitivity = self._sensitivity(model, planned, params, stats, feeds)
         report.layers.extend(self._rewrite(emitter, planned, params, stats, sensitivity))
         model.graph.sort()
         return report
+
+    def _float32_only(self, planned, stats, report) -> tuple[list[ir.Node], set[str]]:
+        """Only float32 activations get a Q/DQ pair: a node that reads or makes anything else
+        on the calibration data (an int64 shape computation, a float16 tensor) stays as it is."""
+        other = {name for name, tensor in stats.items() if not tensor.float32}
+        planned, skipped = split_by_tensors(planned, other)
+        for node in skipped:
+            reason = "reads or makes a tensor that is not float32 (a shape computation?)"
+            report.layers.append(LayerReport.skipped(node, reason))
+        return planned, activation_tensors(planned)
 
     def _activation_params(self, model, planned, tensors, stats) -> dict[str, QParams]:
         """Per tensor: its range by the chosen method, widened to hold 0 and tied to its

@@ -34,13 +34,16 @@ class TensorStats:
     hist: np.ndarray | None = None  # counts over [-edge, edge], exact zeros left out
     edge: float = 0.0
     zeros: int = 0  # exact zeros (ReLU outputs): representable exactly, so never clipped
+    float32: bool = True  # every value seen was float32 (int64 shape paths, float16 are not)
 
     @property
     def channel_mean(self) -> np.ndarray | None:
         return None if self.channels is None else self.channels.mean
 
     def add_extremes(self, array: np.ndarray) -> None:
-        if array.size == 0:
+        if array.dtype != np.float32:
+            self.float32 = False
+        if array.size == 0 or not self.float32:
             return
         self.lo = min(self.lo, float(array.min()))
         self.hi = max(self.hi, float(array.max()))
@@ -48,6 +51,8 @@ class TensorStats:
             self.channels.add(array)
 
     def add_histogram(self, array: np.ndarray) -> None:
+        if not self.float32:
+            return
         if self.hist is None:
             self.edge = max(abs(self.lo), abs(self.hi), 1e-12)
             self.hist = np.zeros(BINS, np.int64)
