@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,9 @@ def parse_dims(items: Sequence[str]) -> Dims:
     dims: Dims = {}
     for item in items:
         key, eq, value = item.rpartition("=")
-        if not eq or not key or not value.strip().isdigit() or int(value) <= 0:
+        if not eq or not key or not value.strip().isascii() or not value.strip().isdigit():
+            raise BadData(f"bad --dim {item!r}: expected NAME=SIZE or INPUT:AXIS=SIZE")
+        if int(value) <= 0:
             raise BadData(f"bad --dim {item!r}: expected NAME=SIZE or INPUT:AXIS=SIZE")
         dims[key.strip()] = int(value)
     return dims
@@ -183,10 +186,17 @@ def load_feeds(
 
 
 def _load_npy(path: Path) -> np.ndarray:
+    """A .npy memory-mapped (a header that declares more than the file holds is refused, not
+    allocated), or a .npz archive; never a pickle."""
+    mmap = "r" if path.suffix == ".npy" else None
     try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise BadData(f"{path}: not a readable .npy/.npz file ({exc})") from None
+        return np.load(path, allow_pickle=False, mmap_mode=mmap)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
+        raise BadData(f"{path}: not a readable .npy/.npz file ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -196,7 +206,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise BadData(f"{path}: expected a .npz archive keyed by input name")
     with data:
-        return {key: data[key] for key in data.files}
+        try:
+            return {key: data[key] for key in data.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
+            raise BadData(f"{path}: an array cannot be read ({_reason(exc)})") from None
 
 
 def _safe_name(name: str) -> str:
@@ -204,7 +217,7 @@ def _safe_name(name: str) -> str:
 
 
 def _read_folder(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray] | list[np.ndarray]:
-    files = sorted(path.glob("*.npy"))
+    files = sorted(f for f in path.glob("*.npy") if f.is_file())  # a FIFO would block
     if not files:
         raise BadData(f"{path}: no .npy files in the folder")
     by_name = {f.stem: f for f in files}
@@ -226,7 +239,10 @@ def _batches(
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise BadData(f"calibration data has no array for input(s) {', '.join(missing)}")
-    counts = {len(arrays[s.name]) if arrays[s.name].ndim else 1 for s in specs}
+    scalars = [s.name for s in specs if np.ndim(arrays[s.name]) == 0]
+    if scalars:
+        raise BadData(f"calibration data for {', '.join(scalars)} is a scalar, not samples")
+    counts = {len(arrays[s.name]) for s in specs}
     if len(counts) != 1:
         raise BadData("calibration arrays hold different numbers of samples")
     total = counts.pop()

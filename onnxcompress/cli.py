@@ -95,15 +95,26 @@ def _data_options(command):
     options = [
         _dim_option,
         click.option(
-            "--samples", default=8, show_default=True, help="Synthetic feeds when no data is given."
+            "--samples",
+            default=8,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Synthetic feeds when no data is given.",
         ),
         click.option(
             "--batch-size",
             default=8,
             show_default=True,
+            type=click.IntRange(min=1),
             help="Batch for data on a dynamic batch axis.",
         ),
-        click.option("--seed", default=0, show_default=True, help="Seed for synthetic data."),
+        click.option(
+            "--seed",
+            default=0,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="Seed for synthetic data.",
+        ),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)
@@ -338,7 +349,13 @@ def passes() -> None:
     type=click.Path(),
     help="A .npz or a folder of .npy feeds, used for every model.",
 )
-@click.option("--jobs", default=1, show_default=True, help="Models compressed in parallel.")
+@click.option(
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Models compressed in parallel.",
+)
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime comparison.")
 @_handled
 @_gate_options

@@ -23,6 +23,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 _OPTION_SPLIT = re.compile(r",(?=\s*[A-Za-z_]\w*\s*=)")
 _NONE_WORDS = {"none", "null", ""}
+MAX_RECIPE_BYTES = 1 << 20
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -56,15 +57,12 @@ class Recipe:
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
         path = Path(path)
+        text = _read_recipe_text(path)
+        kind = "JSON" if path.suffix == ".json" else "TOML"
         try:
-            text = path.read_text()
-        except OSError as exc:
-            raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
-        try:
-            data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (ValueError, tomllib.TOMLDecodeError) as exc:
-            kind = "JSON" if path.suffix == ".json" else "TOML"
-            raise RecipeError(f"{path}: not valid {kind}: {exc}") from None
+            data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
+            raise RecipeError(f"{path}: not valid {kind}: {_first_line(exc)}") from None
         return cls.from_dict(data, str(path))
 
     @classmethod
@@ -86,6 +84,27 @@ class Recipe:
     def build(self) -> list[CompressionPass]:
         """Instantiate every pass; all errors are found before any pass runs."""
         return [step.build() for step in self.steps]
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe's text: a regular UTF-8 file of at most MAX_RECIPE_BYTES (a FIFO would block,
+    /dev/zero never ends)."""
+    try:
+        if not path.is_file():
+            what = "no such file" if not path.exists() else "not a regular file"
+            raise RecipeError(f"{path}: cannot read recipe ({what})")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: a recipe of over {MAX_RECIPE_BYTES >> 20} MiB is not one")
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: the recipe is not UTF-8 text") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def parse_option(text: str) -> Step:
@@ -116,7 +135,7 @@ def build_config(cls: type[CompressionPass], options: dict[str, Any]) -> Any:
             raise RecipeError(f"{cls.name}: unknown option {key!r} (options: {', '.join(names)})")
         try:
             values[key] = coerce(raw, hints[key])
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # TypeError: a table or list for a scalar
             raise RecipeError(f"{cls.name}: option {key}={raw!r}: {exc}") from None
     try:
         return config_type(**values)
@@ -147,6 +166,8 @@ def _scalar(raw: Any, hint: type) -> Any:
         if word not in _BOOL_WORDS:
             raise ValueError("expected true or false")
         return _BOOL_WORDS[word]
+    if isinstance(raw, (dict, list)) and hint is not str:
+        raise ValueError(f"expected a single {hint.__name__}, not a {type(raw).__name__}")
     if hint is int:
         if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
             raise ValueError("expected an integer")
@@ -162,5 +183,7 @@ def _scalar(raw: Any, hint: type) -> Any:
         except (TypeError, ValueError):
             raise ValueError("expected a number") from None
     if hint is str:
+        if not isinstance(raw, (str, int, float)):
+            raise ValueError(f"expected a word, not a {type(raw).__name__}")
         return str(raw).strip()
     raise ValueError(f"unsupported option type {hint}")

@@ -3,11 +3,14 @@ them into a model that passes onnx's full check, or leaves layers alone with a r
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.conftest import FIXTURES
 from tests.test_cli import assert_one_clear_line, invoke
 
 PASS_SETTINGS = [
@@ -298,3 +301,83 @@ def test_qdq_on_a_float16_model_is_skipped_with_a_reason(tmp_path):
     assert result.exit_code == 0, result.output
     assert "skipped" in result.output
     onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def _write_bad_data(folder, kind: str):
+    """A calibration source of the given broken kind, for the MLP fixture (input [N, 784])."""
+    if kind == "object array":
+        path = folder / "data.npz"
+        np.savez(path, input=np.array([{"a": 1}], dtype=object))
+    elif kind == "corrupt zip":
+        path = folder / "data.npz"
+        path.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    elif kind == "0-d array":
+        path = folder / "data.npz"
+        np.savez(path, input=np.array(1.0, np.float32))
+    elif kind == "npy header of 2**46 values":
+        path = folder / "data"
+        path.mkdir()
+        header = {"descr": "<f4", "fortran_order": False, "shape": (1 << 46,)}
+        with open(path / "input.npy", "wb") as stream:
+            np.lib.format.write_array_header_1_0(stream, header)
+            stream.write(b"\x00" * 64)
+    elif kind == "fifo":
+        path = folder / "data"
+        path.mkdir()
+        os.mkfifo(path / "input.npy")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind", ["object array", "corrupt zip", "0-d array", "npy header of 2**46 values", "fifo"]
+)
+def test_bad_calibration_data_gets_one_line_and_exit_2(tmp_path, kind):
+    data = _write_bad_data(tmp_path, kind)
+    out = tmp_path / "o.onnx"
+    model = FIXTURES / "mnist_mlp.onnx"
+    result = invoke("compress", model, "-o", out, "-p", "lowrank:rank=8", "--calibration", data)
+    assert_one_clear_line(result, 2)
+    assert not out.exists()
+
+
+def _write_bad_recipe(folder, kind: str):
+    path = folder / ("recipe.json" if kind == "deep JSON" else "recipe.toml")
+    if kind == "list for a number":
+        path.write_text('[[passes]]\nname = "lowrank"\nrank = [1, 2]\n')
+    elif kind == "table for a word":
+        path.write_text('[[passes]]\nname = "lowrank"\nscheme = {a = 1}\n')
+    elif kind == "not UTF-8":
+        path.write_bytes(b"\xff\xfe[[passes]]")
+    elif kind == "deep JSON":
+        path.write_text("[" * 100_000)
+    elif kind == "too large":
+        path.write_text("# padding\n" * 200_000)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "/dev/zero":
+        return "/dev/zero"
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["list for a number", "table for a word", "not UTF-8", "deep JSON", "too large", "fifo",
+     "/dev/zero"],
+)  # fmt: skip
+def test_bad_recipes_get_one_line_and_exit_2(tmp_path, kind):
+    recipe = _write_bad_recipe(tmp_path, kind)
+    out = tmp_path / "o.onnx"
+    result = invoke("compress", FIXTURES / "mnist_mlp.onnx", "-o", out, "--recipe", recipe)
+    assert_one_clear_line(result, 2)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "option", [["--batch-size", "0"], ["--samples", "0"], ["--seed", "-1"], ["--dim", "N=²"]]
+)
+def test_bad_option_values_exit_2_without_a_traceback(tmp_path, option):
+    out = tmp_path / "o.onnx"
+    result = invoke("compress", FIXTURES / "mnist_mlp.onnx", "-o", out, "-p", "lowrank", *option)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "Error" in result.output
+    assert not out.exists()
