@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import logging
-import multiprocessing
 import sys
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import click
 
-from onnxcompress import guards, model_io
+from onnxcompress import batch as batch_run
+from onnxcompress import model_io
 from onnxcompress.calibration import load_feeds, parse_dims, synthetic_feeds
 from onnxcompress.errors import OnnxCompressError, ToleranceExceeded
 from onnxcompress.inspection import inspect_model
@@ -374,115 +372,20 @@ def batch(
     """Compress many models (files, folders, globs) into OUTPUT_DIR; exit 1 if any failed."""
     recipe = _recipe(passes, recipe_file)
     recipe.build()  # a recipe error stops the batch before any model
-    models = _collect_models(inputs)
+    models = batch_run.collect_models(inputs)
     if not models:
         raise _Fail("no .onnx models found in the given inputs", EXIT_USAGE)
-    job = {
-        "recipe": recipe.to_dict(),
-        "calibration": calibration,
-        "gates": gates,
-        "options": feed_options.pipeline_options(not no_validate),
-    }
-    targets = _targets(models, output_dir)
-    _refuse_batch_overwrites(models, targets, output_dir)
-    results = _run_batch(models, targets, job, jobs)
+    job = batch_run.Job(recipe, calibration, gates, feed_options.pipeline_options(not no_validate))
+    targets = batch_run.targets(models, output_dir)
+    batch_run.refuse_overwrites(models, targets, output_dir)
+    with click.progressbar(length=len(models), label="compressing", file=sys.stderr) as bar:
+        results = batch_run.run(models, targets, job, jobs, progress=bar.update)
     rows = [[r["model"], r["status"], r.get("ratio", "-"), r.get("detail", "")] for r in results]
     click.echo("\n".join(table(["model", "status", "params ratio", "detail"], rows, left=2)))
     write_json(output_dir / "summary.json", {"models": results})
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         raise _Fail(f"{len(failed)} of {len(results)} models failed", EXIT_GATE)
-
-
-def _collect_models(inputs: tuple[str, ...]) -> list[Path]:
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found += sorted(path.glob("*.onnx"))
-        elif any(ch in item for ch in "*?["):
-            found += sorted(Path(p) for p in glob.glob(item))
-        else:
-            found.append(path)
-    return list(dict.fromkeys(found))
-
-
-def _targets(models: list[Path], output_dir: Path) -> list[Path]:
-    """One output per model; a file name already taken (the same name from two folders, or a
-    numbered name another member already has) gets the first free numbered suffix."""
-    taken = {model.name for model in models}
-    chosen: set[str] = set()
-    targets = []
-    for model in models:
-        name, count = model.name, 0
-        while name in chosen or (count and name in taken):
-            count += 1
-            name = f"{model.stem}-{count}{model.suffix}"
-        chosen.add(name)
-        targets.append(output_dir / name)
-    return targets
-
-
-def _batch_outputs(target: Path) -> list[tuple[str, Path]]:
-    return [
-        ("output", target),
-        ("output's external data", model_io.data_file(target)),
-        ("report", target.with_suffix(".report.json")),
-    ]
-
-
-def _refuse_batch_overwrites(models: list[Path], targets: list[Path], output_dir: Path) -> None:
-    """Before any model runs: no output of the batch may be an input model or another output.
-    (An input's external data lies in its own folder, which then holds an input model that
-    an output would overwrite: refused the same way.)"""
-    outputs = [item for target in targets for item in _batch_outputs(target)]
-    outputs.append(("summary", output_dir / "summary.json"))
-    guards.refuse_overwrites(outputs, [model for model in models if model.is_file()])
-
-
-def _run_batch(models, targets, job, jobs) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    with click.progressbar(length=len(models), label="compressing", file=sys.stderr) as bar:
-        if jobs <= 1:
-            for model, target in zip(models, targets):
-                results.append(_batch_one(model, target, job))
-                bar.update(1)
-        else:
-            # spawn, not fork: a forked child can inherit a lock held by one of onnxruntime's or
-            # BLAS's threads in the parent and hang for good
-            spawn = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
-                for result in pool.map(_batch_one, models, targets, [job] * len(models)):
-                    results.append(result)
-                    bar.update(1)
-    return results
-
-
-def _batch_one(model: Path, target: Path, job: dict[str, Any]) -> dict[str, Any]:
-    """Compress one model of a batch; never raises, the result says what happened."""
-    result: dict[str, Any] = {"model": str(model), "output": str(target)}
-    report_path = target.with_suffix(".report.json")
-    try:
-        report = compress_file(
-            model,
-            target,
-            Recipe.from_dict(job["recipe"]),
-            job["calibration"],
-            job["gates"],
-            job["options"],
-            report_path=report_path,
-        )
-    except ToleranceExceeded as missed:
-        return {**result, "status": "gate missed", "detail": str(missed), "output": None}
-    except OnnxCompressError as exc:
-        return {**result, "status": "failed", "detail": str(exc), "output": None}
-    except Exception as exc:  # one broken model must not stop the batch
-        return {**result, "status": "failed", "detail": f"internal error: {exc}", "output": None}
-    result["status"] = "ok"
-    result["report"] = str(report_path)
-    if report.after and report.after.params:
-        result["ratio"] = f"{report.before.params / report.after.params:.2f}x"
-    return result
 
 
 def _progress():
