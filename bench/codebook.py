@@ -41,6 +41,17 @@ from onnxcompress.report import table  # noqa: E402
 from onnxcompress.validate import Runner, compare, measure_latency  # noqa: E402
 
 MNIST8_ALL = "codebook:bits=4,min_size=1,ops=Conv,MatMul"
+#: Every scheme on the wide MLP, with and without the data-aware refinement.
+WIDE_MLP_SETTINGS = [
+    "codebook:bits=4",
+    "codebook:bits=4,data_aware=true",
+    "codebook:bits=3",
+    "codebook:bits=2,data_aware=true",
+    "codebook:scheme=binary",
+    "codebook:scheme=ternary",
+    "codebook:scheme=pq,bits=6,subvector=8",
+    "codebook:scheme=pq,bits=6,subvector=8,data_aware=true",
+]
 DECODE_OPS = {"GatherND", "BitShift", "Mod", "ReduceSum"}
 
 
@@ -240,16 +251,7 @@ def cases(real: Path, quick: bool) -> list[dict]:
             "feeds": wide_feeds,
             "labels": wide_labels,
             "calibration": wide_calibration,
-            "settings": [
-                "codebook:bits=4",
-                "codebook:bits=4,data_aware=true",
-                "codebook:bits=3",
-                "codebook:bits=2,data_aware=true",
-                "codebook:scheme=binary",
-                "codebook:scheme=ternary",
-                "codebook:scheme=pq,bits=6,subvector=8",
-                "codebook:scheme=pq,bits=6,subvector=8,data_aware=true",
-            ],
+            "settings": WIDE_MLP_SETTINGS,
         },
         {
             "name": "mnist_cnn (fixture)",

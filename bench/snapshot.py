@@ -26,6 +26,7 @@ import onnx_ir as ir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.codebook import WIDE_MLP_SETTINGS  # noqa: E402
 from fixtures.mnist import default_real_dir, mnist_split  # noqa: E402
 from fixtures.photos import ppocr_det_feeds, ultraface_feeds  # noqa: E402
 from onnxcompress import Options, compress  # noqa: E402
@@ -59,17 +60,7 @@ QDQ = [
     "qdq:method=minmax",
     "qdq:per_channel=false,equalize=true,bias_correction=true",
 ]
-CODEBOOK_WIDE = [
-    "codebook:bits=4",
-    "codebook:bits=4,data_aware=true",
-    "codebook:bits=3",
-    "codebook:bits=2,data_aware=true",
-    "codebook:scheme=binary",
-    "codebook:scheme=ternary",
-    "codebook:scheme=pq,bits=6,subvector=8",
-    "codebook:scheme=pq,bits=6,subvector=8,data_aware=true",
-    "codebook:granularity=group,group_size=4",
-]
+CODEBOOK_WIDE = [*WIDE_MLP_SETTINGS, "codebook:granularity=group,group_size=4"]
 INT4 = [
     "int4:block_size=32",
     "int4:block_size=128,symmetric=false",

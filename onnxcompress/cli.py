@@ -81,6 +81,12 @@ class _FeedOptions:
         return Options(self.dims, validate, self.samples, self.batch_size, seed=self.seed, **more)
 
 
+def _count_option(flag: str, default: int, minimum: int, text: str):
+    """An integer option with a default and a floor (below it: a usage error)."""
+    kind = click.IntRange(min=minimum)
+    return click.option(flag, default=default, show_default=True, type=kind, help=text)
+
+
 def _data_options(command):
     """--dim, --samples, --batch-size, --seed: how feeds are built, shared by commands; the
     command receives them as one ``feed_options`` argument."""
@@ -92,27 +98,9 @@ def _data_options(command):
 
     options = [
         _dim_option,
-        click.option(
-            "--samples",
-            default=8,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="Synthetic feeds when no data is given.",
-        ),
-        click.option(
-            "--batch-size",
-            default=8,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="Batch for data on a dynamic batch axis.",
-        ),
-        click.option(
-            "--seed",
-            default=0,
-            show_default=True,
-            type=click.IntRange(min=0),
-            help="Seed for synthetic data.",
-        ),
+        _count_option("--samples", 8, 1, "Synthetic feeds when no data is given."),
+        _count_option("--batch-size", 8, 1, "Batch for data on a dynamic batch axis."),
+        _count_option("--seed", 0, 0, "Seed for synthetic data."),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)
@@ -347,13 +335,7 @@ def passes() -> None:
     type=click.Path(),
     help="A .npz or a folder of .npy feeds, used for every model.",
 )
-@click.option(
-    "--jobs",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Models compressed in parallel.",
-)
+@_count_option("--jobs", 1, 1, "Models compressed in parallel.")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime comparison.")
 @_handled
 @_gate_options

@@ -23,13 +23,17 @@ PASS_SETTINGS = [
 ]
 
 
+def _random_weights(*names: str) -> list[onnx.TensorProto]:
+    rng = np.random.default_rng(0)
+    return [
+        numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), name)
+        for name in names
+    ]
+
+
 def _weight_as_output() -> onnx.ModelProto:
     """A model that exposes a weight as a graph output (some exporters do, for debugging)."""
-    rng = np.random.default_rng(0)
-    weights = [
-        numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), name)
-        for name in ("W1", "W2")
-    ]
+    weights = _random_weights("W1", "W2")
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "W1"], ["y"]),
@@ -96,11 +100,7 @@ def test_weights_that_cannot_be_compressed_are_skipped_with_a_reason(tmp_path, k
 
 def _two_in_three_out() -> onnx.ModelProto:
     """Two inputs, three outputs, one output also feeding the next layer (KeyError: 'y1')."""
-    rng = np.random.default_rng(0)
-    weights = [
-        numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), name)
-        for name in ("W1", "W2")
-    ]
+    weights = _random_weights("W1", "W2")
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["a", "W1"], ["y1"]),
