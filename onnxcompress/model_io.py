@@ -141,10 +141,12 @@ def _from_proto(proto: onnx.ModelProto, base_dir: Path | None) -> tuple[ir.Model
 
 
 def keep_external_folder(model: ir.Model, base_dir: Path | str) -> None:
-    """Point every external tensor of ``model`` (subgraphs and attributes too) at the folder
-    its data lives in, so that no relative location resolves against the working directory."""
-    for graph in (model.graph, *model.functions.values()):
-        ir.external_data.set_base_dir(graph, base_dir)
+    """Point every external tensor of ``model`` (subgraphs, attributes and functions too) at
+    the folder its data lives in, so that no relative location resolves against the working
+    directory."""
+    for tensor in _all_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = base_dir
 
 
 def _densify_sparse_initializers(graph: onnx.GraphProto) -> list[str]:

@@ -217,6 +217,7 @@ def _upgrade_opset(model: ir.Model, passes: list[CompressionPass], notes: list[s
         raise BadModel(f"cannot upgrade opset {current} to {target}: {exc}") from None
     notes.append(f"upgraded opset {current} -> {target} (needed by {', '.join(sorted(needs))})")
     upgraded = ir.from_proto(proto)
+    upgraded.functions.update(model.functions)  # the converter drops model-local functions
     if len(folders) > 1:
         raise BadModel("external data in several folders cannot survive an opset upgrade")
     if folders:  # the rebuilt model must still find its data where the original did

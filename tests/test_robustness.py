@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, run
 from tests.test_cli import assert_one_clear_line, invoke
 
 PASS_SETTINGS = [
@@ -381,3 +381,42 @@ def test_bad_option_values_exit_2_without_a_traceback(tmp_path, option):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "Error" in result.output
     assert not out.exists()
+
+
+def _with_local_function() -> onnx.ModelProto:
+    """A layer written as a model-local function (domain ``local``) next to a plain MatMul."""
+    dense = helper.make_function(
+        "local",
+        "Dense",
+        ["x", "w"],
+        ["y"],
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Dense", ["x", "W1"], ["h"], domain="local"),
+            helper.make_node("MatMul", ["h", "W2"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 64])],
+        _random_weights("W1", "W2"),
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    return helper.make_model(graph, opset_imports=opsets, functions=[dense])
+
+
+@pytest.mark.parametrize("setting", PASS_SETTINGS)
+def test_local_functions_survive_every_pass(tmp_path, setting):
+    """int4 upgrades the opset, and onnx's converter dropped the function: onnxruntime then
+    could not load the result (`local:Dense(-1) is not a registered function/op`)."""
+    source, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_with_local_function(), source)
+    result = invoke("compress", source, "-o", out, "-p", setting)
+    assert result.exit_code == 0, result.output
+    saved = onnx.load(out)
+    onnx.checker.check_model(saved, full_check=True)
+    assert [f.name for f in saved.functions] == ["Dense"]
+    feed = {"x": np.ones((3, 64), np.float32)}
+    assert np.isfinite(run(out, feed)[0]).all()
