@@ -200,7 +200,11 @@ def _verdict(key, old, new, before_dir, after_dir) -> str:
     if new is None:
         return "missing"
     if "error" in old or "error" in new:
-        return "same error" if old.get("error") == new.get("error") else f"error: {new}"
+        if old.get("error") == new.get("error"):
+            return "same error"
+        if "error" in new:
+            return f"now fails: {new['error'][:120]}"
+        return f"now runs (was: {old['error'][:80]})"
     if old["sha256"] == new["sha256"]:
         return "identical"
     a, b = (np.load(folder / f"{_slug(key)}.npz") for folder in (before_dir, after_dir))
