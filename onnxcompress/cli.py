@@ -17,7 +17,12 @@ import click
 
 from onnxcompress import batch as batch_run
 from onnxcompress import model_io
-from onnxcompress.calibration import load_feeds, parse_dims, synthetic_feeds
+from onnxcompress.calibration import (
+    load_feeds,
+    parse_dims,
+    synthetic_feeds,
+    with_default_batch,
+)
 from onnxcompress.errors import OnnxCompressError, ToleranceExceeded
 from onnxcompress.inspection import inspect_model
 from onnxcompress.passes import PASSES
@@ -293,11 +298,11 @@ def validate_command(
     check_opset(model_io.load(candidate).model)  # a clear error for a bad candidate first
     normalize(ref_model)
     sizes = feed_options
-    feeds = (
-        load_feeds(data, ref_model, sizes.dims, sizes.batch_size)
-        if data
-        else synthetic_feeds(ref_model, sizes.dims, sizes.samples, sizes.seed)
-    )
+    if data:
+        feeds = load_feeds(data, ref_model, sizes.dims, sizes.batch_size)
+    else:
+        dims, _ = with_default_batch(ref_model, sizes.dims)
+        feeds = synthetic_feeds(ref_model, dims, sizes.samples, sizes.seed)
     result = validate(reference, candidate, feeds, latency_runs=latency_runs)
     click.echo(
         json.dumps(validation_dict(result), indent=2)
