@@ -9,6 +9,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+#: A metadata entry every valid corpus model carries; every output must keep it.
+METADATA_KEY = "corpus.dictionary"
+
 
 def random_weights(*names: str) -> list[onnx.TensorProto]:
     rng = np.random.default_rng(0)
@@ -282,8 +285,9 @@ def unsorted_nodes() -> onnx.ModelProto:
 
 
 def valid_models() -> dict[str, onnx.ModelProto]:
-    """Valid models that once crashed a pass (exit 3) or came out invalid."""
-    return {
+    """Valid models that once crashed a pass (exit 3) or came out invalid, each carrying a
+    metadata entry that must survive (the OCR models keep their dictionary there)."""
+    models = {
         "weight as graph output": weight_as_output(),
         "two inputs, three outputs": two_in_three_out(),
         "input listed as output": input_is_an_output(),
@@ -297,6 +301,9 @@ def valid_models() -> dict[str, onnx.ModelProto]:
         "NaN weight": single_matmul(bad_weight("nan")),
         "infinite weight": single_matmul(bad_weight("inf")),
     }
+    for model in models.values():
+        helper.set_model_props(model, {METADATA_KEY: "kept"})
+    return models
 
 
 def malformed_models() -> dict[str, tuple[bytes, str]]:

@@ -29,7 +29,10 @@ def _run_valid(tmp_path, name: str, model: onnx.ModelProto, outcomes: Counter) -
         assert result.exit_code in (0, 2), f"{where}: {result.output}"
         assert "Traceback" not in result.output, where
         if result.exit_code == 0:
-            onnx.checker.check_model(onnx.load(out), full_check=True)
+            saved = onnx.load(out)
+            onnx.checker.check_model(saved, full_check=True)
+            metadata = {entry.key: entry.value for entry in saved.metadata_props}
+            assert metadata.get(corpus.METADATA_KEY) == "kept", where
             out.unlink()
         else:
             assert_one_clear_line(result, 2)
@@ -57,7 +60,7 @@ def _run_malformed(tmp_path, name: str, data: bytes, fragment: str, outcomes: Co
         result = invoke(*args)
         if huge_but_valid:
             assert result.exit_code in (0, 2) and "Traceback" not in result.output
-            outcomes[f"malformed, {args[0]}: exit {result.exit_code}"] += 1
+            outcomes[f"input of 2**40 (valid), {args[0]}: exit {result.exit_code}"] += 1
             continue
         assert_one_clear_line(result, 2, fragment)
         assert not out.exists(), f"{name}: {args[0]} wrote an output"
