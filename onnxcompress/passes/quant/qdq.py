@@ -149,7 +149,7 @@ class Qdq(CompressionPass):
         """Per tensor: its range by the chosen method, widened to hold 0 and tied to its
         shared-scale group, as scale and zero point of the activation type."""
         cfg = self.config
-        ranges = {name: zero_inclusive(*self._range(stats[name])) for name in tensors}
+        ranges = {name: zero_inclusive(*self._range(stats[name])) for name in sorted(tensors)}
         tie_shared_ranges(model, planned, ranges)
         dtype = ir.DataType.UINT8 if cfg.activation_type == "uint8" else ir.DataType.INT8
         return {

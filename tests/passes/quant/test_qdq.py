@@ -450,3 +450,22 @@ def test_int4_on_ppocrv4_rec_runs(real):
     assert report.passes[0].totals()["layers_rewritten"] >= 9
     assert report.validation.outputs[0].rel_l2 < 0.5
     assert quantized.metadata_props.get("character")
+
+
+def test_the_same_run_writes_the_same_bytes_whatever_the_hash_seed(tmp_path):
+    """qdq once ordered its Q/DQ nodes and constants by Python set iteration, so two runs of the
+    same recipe wrote different files (PYTHONHASHSEED); a toolchain comparing hashes saw a change."""
+    import os
+    import subprocess
+    import sys
+
+    source = tmp_path / "m.onnx"
+    onnx.save(conv_model(bn=True), source)
+    digests = set()
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"o{seed}.onnx"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        command = [sys.executable, "-m", "onnxcompress", "compress", str(source), "-o", str(out)]
+        subprocess.run([*command, "-p", "qdq", "--no-validate"], env=env, check=True)
+        digests.add(out.read_bytes())
+    assert len(digests) == 1
