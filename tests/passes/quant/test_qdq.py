@@ -453,8 +453,9 @@ def test_int4_on_ppocrv4_rec_runs(real):
 
 
 def test_the_same_run_writes_the_same_bytes_whatever_the_hash_seed(tmp_path):
-    """qdq once ordered its Q/DQ nodes and constants by Python set iteration, so two runs of the
-    same recipe wrote different files (PYTHONHASHSEED); a toolchain comparing hashes saw a change."""
+    """qdq once ordered its Q/DQ nodes and constants by Python set iteration, so two runs of
+    the same recipe wrote different files (PYTHONHASHSEED): a toolchain comparing hashes saw
+    a change where there was none."""
     import os
     import subprocess
     import sys
