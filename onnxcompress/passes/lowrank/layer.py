@@ -62,14 +62,14 @@ def view(node: ir.Node) -> Layer:
         raise Skip(f"weight dtype {weight_value.const_value.dtype.name} is not float")
     if node.inputs[0] is not None and node.inputs[0].const_value is not None:
         raise Skip("left operand is constant too")
-    problem = values_problem(weight_array(weight_value))
+    stored = weight_array(weight_value)  # read once: the checks and the view share it
+    problem = values_problem(stored)
     if problem:
         raise Skip(problem)
     if node.op_type in ("Conv", "ConvTranspose"):
-        return _conv_view(node, weight_array(weight_value))
-    if len(weight_value.const_value.shape) != 2:
-        raise Skip(f"weight is {len(weight_value.const_value.shape)}-D; only 2-D is factorized")
-    stored = weight_array(weight_value)
+        return _conv_view(node, stored)
+    if stored.ndim != 2:
+        raise Skip(f"weight is {stored.ndim}-D; only 2-D is factorized")
     if node.op_type == "MatMul":
         return Layer(node, stored, stored.T.astype(np.float64), np.zeros(stored.shape[1]))
     return _gemm_view(node, stored)
