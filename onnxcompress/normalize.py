@@ -14,6 +14,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedN
 
 from onnxcompress.errors import BadModel
 from onnxcompress.graph import default_opset
+from onnxcompress.simplify import fold_pads_into_convs, fold_small_constants
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ def normalize(model: ir.Model) -> list[str]:
         *_lift_constants(model),
         *_initializers_out_of_inputs(model),
         *_fold_weight_layout_ops(model),
+        *fold_small_constants(model, _evaluate),
+        *fold_pads_into_convs(model),
         *_custom_ops(model),
         *_subgraphs(model),
     ]
@@ -147,7 +150,7 @@ def _evaluate(node: ir.Node, model: ir.Model) -> np.ndarray:
         node.op_type,
         names,
         ["out"],
-        **{name: attr.value for name, attr in node.attributes.items()},
+        **{name: _attribute_value(attr) for name, attr in node.attributes.items()},
     )
     opset = default_opset(model) or onnx.defs.onnx_opset_version()
     evaluator = ReferenceEvaluator(
@@ -165,6 +168,12 @@ def _evaluate(node: ir.Node, model: ir.Model) -> np.ndarray:
     )
     feeds = {n: v.const_value.numpy() for n, v in zip(names, node.inputs) if v is not None}
     return np.asarray(evaluator.run(None, feeds)[0])
+
+
+def _attribute_value(attr: ir.Attr):
+    if attr.type == ir.AttributeType.TENSOR:  # e.g. ConstantOfShape's value
+        return ir.serde.serialize_tensor(attr.value)
+    return attr.value
 
 
 def _count_constant_nodes(model: ir.Model) -> int:

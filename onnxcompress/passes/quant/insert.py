@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from onnxcompress.emit import Emitter
 from onnxcompress.graph import is_constant
-from onnxcompress.passes.quant.plan import ALL_INPUTS
+from onnxcompress.passes.quant.plan import ALL_INPUTS, CLAMPING, clamp_bounds
 from onnxcompress.passes.quant.qparams import QParams, activation_qparams, quantize_with
 
 _INT32 = np.iinfo(np.int32)
@@ -132,3 +132,27 @@ def quantize_constant_inputs(emitter: Emitter, node: ir.Node, params: dict[str, 
         q = quantize_with(array, qparams)
         scale, zero = np.array(qparams.scale, np.float32), np.array(qparams.zero_point, q.dtype)
         node.replace_input_with(idx, constant_dq(emitter, value, q, scale, zero, None))
+
+
+def absorbed_clamp(node: ir.Node, params: dict[str, QParams]) -> bool:
+    """Whether a Relu/Clip is redundant once its input is quantized: every value the input's
+    Q/DQ can give back already lies within the clamp's bounds (onnxruntime's quantizer drops
+    such activations the same way, so that the producer's integer kernel clamps)."""
+    if node.op_type not in CLAMPING or node.outputs[0].is_graph_output():
+        return False
+    source = node.inputs[0]
+    bounds = clamp_bounds(node)
+    if source is None or source.name not in params or bounds is None or len(source.uses()) != 1:
+        return False
+    qparams = params[source.name]
+    qmin = 0 if qparams.dtype == ir.DataType.UINT8 else -128
+    low = (qmin - qparams.zero_point) * qparams.scale
+    high = (qmin + 255 - qparams.zero_point) * qparams.scale
+    slack = 1e-6 * max(1.0, abs(bounds[1])) if np.isfinite(bounds[1]) else 0.0
+    return low >= bounds[0] and high <= bounds[1] + slack
+
+
+def remove_clamp(graph: ir.Graph, node: ir.Node) -> None:
+    """Readers of the clamp read its input instead; the clamp goes."""
+    node.outputs[0].replace_all_uses_with(node.inputs[0])
+    graph.remove(node, safe=True)

@@ -15,12 +15,14 @@ import onnx_ir as ir
 
 from onnxcompress.graph import bias_input, is_constant, values_problem, weight_array
 from onnxcompress.passes.base import LayerReport, Skip, name_matches
+from onnxcompress.passes.quant.roles import shape_tensors
 
 WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 #: Ops whose output must carry the scale of their input (the quantized kernel, or a pure
 #: data move, cannot rescale): Concat ties all its inputs too.
 SHARED_SCALE = frozenset(
     {"Concat", "MaxPool", "Resize", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+    | {"Pad"}
 )
 #: Ops that read every float input as an activation; the others read only input 0.
 ALL_INPUTS = frozenset({"Add", "Mul", "Concat"})
@@ -43,10 +45,13 @@ DEFAULT_OP_TYPES = (
     "Flatten",
     "Squeeze",
     "Unsqueeze",
+    "Pad",
+    "Relu",
+    "Clip",
 )
-SUPPORTED_OP_TYPES = frozenset(DEFAULT_OP_TYPES) | SHARED_SCALE
 #: Activations a quantized producer's output range can absorb (clamping at the zero point).
 CLAMPING = frozenset({"Relu", "Clip"})
+SUPPORTED_OP_TYPES = frozenset(DEFAULT_OP_TYPES) | SHARED_SCALE | CLAMPING
 
 Range = tuple[float, float]
 
@@ -57,6 +62,7 @@ def plan_nodes(
     """The default-domain nodes of ``op_types`` to quantize, and the skipped ones with why."""
     candidates = [n for n in model.graph if n.op_type in op_types and n.domain in ("", "ai.onnx")]
     ends = _first_and_last_weighted(candidates) if exclude_first_last else set()
+    shapes = shape_tensors(model.graph)
     planned, skipped = [], []
     for node in candidates:
         try:
@@ -64,6 +70,7 @@ def plan_nodes(
                 raise Skip("excluded by name pattern")
             if node in ends:
                 raise Skip("first or last weighted layer (exclude_first_last)")
+            _check_data(node, shapes)
             _check_quantizable(node)
             planned.append(node)
         except Skip as skip:
@@ -83,6 +90,14 @@ def constant_bias(node: ir.Node) -> ir.Value | None:
     return bias if is_constant(bias) else None
 
 
+def _check_data(node: ir.Node, shapes: set[str]) -> None:
+    """Skip a node that reads or makes a shape computation or a non-float tensor."""
+    values = [*_activation_inputs(node), node.outputs[0]]
+    touching = [v.name for v in values if v is not None and v.name in shapes]
+    if touching:
+        raise Skip(f"computes a shape or reads a non-float tensor ({touching[0]!r}), not data")
+
+
 def _check_quantizable(node: ir.Node) -> None:
     """Skip with the reason a planned node cannot be quantized."""
     outputs = [v for v in node.outputs[:1] if v is not None]
@@ -95,6 +110,19 @@ def _check_quantizable(node: ir.Node) -> None:
         raise Skip("already quantized (an input comes from DequantizeLinear)")
     if node.op_type in WEIGHTED:
         _check_weight(node)
+    if node.op_type == "Pad" and not _pads_with_zero_or_copies(node):
+        raise Skip("pads with a constant other than 0 (not representable in the input's range)")
+    if node.op_type in CLAMPING and not _clamps_at_zero(node):
+        raise Skip("clamps at a lower bound other than 0 (not absorbed by a quantized range)")
+
+
+def _pads_with_zero_or_copies(node: ir.Node) -> bool:
+    if node.attributes.get_string("mode", "constant") != "constant":
+        return True  # edge / reflect / wrap copy input values
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    if value is None:
+        return True
+    return is_constant(value) and not np.any(weight_array(value))
 
 
 def _check_weight(node: ir.Node) -> None:
@@ -209,12 +237,25 @@ def absorb_clamping(model: ir.Model, ranges: dict[str, Range]) -> list[tuple[str
 
 
 def _clamps_at_zero(node: ir.Node) -> bool:
+    bounds = clamp_bounds(node)
+    return bounds is not None and bounds[0] == 0.0
+
+
+def clamp_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """[low, high] of a Relu or a Clip with constant bounds (inputs from opset 11, else
+    attributes); None when a bound is computed at run time."""
     if node.op_type == "Relu":
-        return True
-    low = node.inputs[1] if len(node.inputs) > 1 else None
-    if low is not None:
-        return low.const_value is not None and float(low.const_value.numpy()) == 0.0
-    return node.attributes.get_float("min", -np.inf) == 0.0
+        return 0.0, np.inf
+    if len(node.inputs) > 1:  # opset 11+: optional inputs
+        bounds = []
+        for index, default in ((1, -np.inf), (2, np.inf)):
+            value = node.inputs[index] if len(node.inputs) > index else None
+            if value is not None and not is_constant(value):
+                return None
+            bounds.append(default if value is None else float(weight_array(value)))
+        return bounds[0], bounds[1]
+    attributes = node.attributes
+    return attributes.get_float("min", -np.inf), attributes.get_float("max", np.inf)
 
 
 def shared_scale_groups(

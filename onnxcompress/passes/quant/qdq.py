@@ -25,13 +25,16 @@ from onnxcompress.passes.quant.batchnorm import fold_batchnorms
 from onnxcompress.passes.quant.bias_correction import correct_bias
 from onnxcompress.passes.quant.equalize import equalize
 from onnxcompress.passes.quant.insert import (
+    absorbed_clamp,
     constant_dq,
     insert_qdq,
     int32_bias_ok,
     quantize_bias,
     quantize_constant_inputs,
+    remove_clamp,
 )
 from onnxcompress.passes.quant.plan import (
+    CLAMPING,
     DEFAULT_OP_TYPES,
     SUPPORTED_OP_TYPES,
     activation_tensors,
@@ -143,6 +146,11 @@ class Qdq(CompressionPass):
         for node in skipped:
             reason = "reads or makes a tensor that is not float32 (a shape computation?)"
             report.layers.append(LayerReport.skipped(node, reason))
+        infinite = {name for name, tensor in stats.items() if not tensor.finite}
+        planned, skipped = split_by_tensors(planned, infinite)
+        for node in skipped:
+            reason = "reads or makes a tensor with infinite values on the calibration data"
+            report.layers.append(LayerReport.skipped(node, reason))
         return planned, activation_tensors(planned)
 
     def _activation_params(self, model, planned, tensors, stats) -> dict[str, QParams]:
@@ -184,14 +192,24 @@ class Qdq(CompressionPass):
         when measured."""
         sensitivity = sensitivity or {}
         values = values_by_name(planned)
+        params = dict(params)
+        order = {node.name: i for i, node in enumerate(planned)}  # reports in graph order
+        layers = []
+        for node in [n for n in planned if absorbed_clamp(n, params)]:
+            params.pop(node.outputs[0].name, None)
+            remove_clamp(emitter.graph, node)
+            planned = [n for n in planned if n is not node]
+            reason = "removed: its input's quantized range clamps the same"
+            layers.append(LayerReport.rewritten(node, {"absorbed": reason}))
         # the names of the float inputs, before insert_qdq points the nodes at their DQ copies
         sources = {id(node): node.inputs[0].name for node in planned}
         for name, qparams in params.items():
             insert_qdq(emitter, values[name], qparams)
-        layers = []
         for node in planned:
             source = sources[id(node)]
-            if has_constant_weight(node) and source not in params:
+            if node.op_type in CLAMPING:
+                layer = LayerReport.skipped(node, "kept in float: its input's range is wider")
+            elif has_constant_weight(node) and source not in params:
                 layer = LayerReport.skipped(node, "its input is not quantized (no input scale)")
             elif has_constant_weight(node):
                 layer = self._quantize_weighted(emitter, node, params[source], stats.get(source))
@@ -201,7 +219,7 @@ class Qdq(CompressionPass):
                 quantize_constant_inputs(emitter, node, params)
                 layer = LayerReport.rewritten(node, {"activations": self.config.activation_type})
             layers.append(layer)
-        return layers
+        return sorted(layers, key=lambda layer: order.get(layer.node, len(order)))
 
     def _quantize_weighted(
         self,

@@ -35,6 +35,7 @@ class TensorStats:
     edge: float = 0.0
     zeros: int = 0  # exact zeros (ReLU outputs): representable exactly, so never clipped
     float32: bool = True  # every value seen was float32 (int64 shape paths, float16 are not)
+    finite: bool = True  # no infinity or NaN seen
 
     @property
     def channel_mean(self) -> np.ndarray | None:
@@ -45,8 +46,9 @@ class TensorStats:
             self.float32 = False
         if array.size == 0 or not self.float32:
             return
-        self.lo = min(self.lo, float(array.min()))
-        self.hi = max(self.hi, float(array.max()))
+        low, high = float(array.min()), float(array.max())  # NaN if any value is NaN
+        self.finite = self.finite and bool(np.isfinite(low) and np.isfinite(high))
+        self.lo, self.hi = min(self.lo, low), max(self.hi, high)
         if self.channels is not None and array.ndim > self.channels.axis:
             self.channels.add(array)
 
