@@ -92,7 +92,7 @@ def constant_dq(
     return node.outputs[0]
 
 
-def int32_bias_ok(node: ir.Node, bias: ir.Value, axis: int | None, scales: np.ndarray) -> bool:
+def int32_bias_ok(node: ir.Node, bias: ir.Value, channels: int | None) -> bool:
     """Whether the bias can be stored as int32 with scale s_x * s_w (what the kernels want)."""
     if len(bias.shape or ()) != 1 or len(bias.uses()) != 1:
         return False
@@ -100,7 +100,7 @@ def int32_bias_ok(node: ir.Node, bias: ir.Value, axis: int | None, scales: np.nd
         attrs = node.attributes
         if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
             return False
-    return axis is None or bias.shape[0] == np.size(scales)
+    return channels is None or bias.shape[0] == channels
 
 
 def quantize_bias(emitter: Emitter, node: ir.Node, bias: ir.Value, scales: np.ndarray) -> None:

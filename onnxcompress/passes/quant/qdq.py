@@ -49,6 +49,7 @@ from onnxcompress.passes.quant.plan import (
 from onnxcompress.passes.quant.qparams import (
     QParams,
     activation_qparams,
+    bias_scale_floor,
     dequantize,
     quantize_symmetric,
 )
@@ -233,16 +234,23 @@ class Qdq(CompressionPass):
         weight = node.inputs[1]
         array = np.asarray(weight.const_value.numpy(), np.float32)
         axis = weight_axes(node).out if self.config.per_channel else None
-        quantized, scales = quantize_symmetric(array, axis)
+        bias = constant_bias(node)
+        channels = None if axis is None else array.shape[axis]
+        int32_bias = bias is not None and int32_bias_ok(node, bias, channels)
+        floor = _bias_floor_for(bias, input_params) if int32_bias else None
+        quantized, scales = quantize_symmetric(array, axis, floor=floor)
         restored = dequantize(quantized, scales, axis)
         detail: dict = {"axis": axis, "input_scale": float(f"{input_params.scale:.4g}")}
+        if floor is not None and np.any(scales == floor):
+            detail["scales_raised_for_bias"] = int(np.sum(scales == floor))
         if self.config.bias_correction:
             mean = None if input_stats is None else input_stats.channel_mean
             detail["bias_correction"] = correct_bias(emitter, node, array, restored, mean)
-        bias = constant_bias(node)
+            bias = constant_bias(node)
+            int32_bias = bias is not None and int32_bias_ok(node, bias, channels)
         zeros = np.zeros(scales.shape, np.int8)  # explicit: QGemm fusion needs B's zero point
         node.replace_input_with(1, constant_dq(emitter, weight, quantized, scales, zeros, axis))
-        if bias is not None and int32_bias_ok(node, bias, axis, scales):
+        if int32_bias:
             quantize_bias(emitter, node, bias, input_params.scale * scales)
         return LayerReport.rewritten(
             node,
@@ -252,6 +260,10 @@ class Qdq(CompressionPass):
             params=(array.size, array.size),
             nbytes=(array.nbytes, quantized.nbytes + scales.nbytes + zeros.nbytes),
         )
+
+
+def _bias_floor_for(bias: ir.Value, input_params: QParams) -> np.ndarray:
+    return bias_scale_floor(np.asarray(bias.const_value.numpy()), input_params.scale)
 
 
 def _feeds(model: ir.Model, ctx: PassContext) -> list[Feed]:

@@ -32,10 +32,25 @@ def activation_qparams(lo: float, hi: float, dtype: ir.DataType, symmetric: bool
     return QParams(scale, zero, dtype)
 
 
+#: An int32 bias is kept within ±2**30, so that the integer kernel's accumulator (the bias
+#: plus up to fan-in products of 255 x 127) stays clear of int32 overflow.
+BIAS_BOUND = 2.0**30
+
+
+def bias_scale_floor(bias: np.ndarray, input_scale: float) -> np.ndarray:
+    """The smallest weight scale per channel that keeps bias / (s_x * s_w) within BIAS_BOUND.
+
+    Channels that training left dead have weights near 1e-10 and so weight scales near 1e-12;
+    their int32 bias would saturate and turn the channel's constant output into garbage. With
+    the floor their weights round to zero instead: they contributed nothing measurable."""
+    return (np.abs(bias.astype(np.float64)) / (input_scale * BIAS_BOUND)).astype(np.float32)
+
+
 def quantize_symmetric(
-    array: np.ndarray, axis: int | None, levels: int = 127
+    array: np.ndarray, axis: int | None, levels: int = 127, floor: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 values and their scales (one per slice along ``axis``, or one)."""
+    """Symmetric int8 values and their scales (one per slice along ``axis``, or one), each
+    scale at least ``floor`` when given."""
     if axis is None:
         bound = np.array(np.abs(array).max(initial=0.0), np.float32)
         shape = ()
@@ -45,6 +60,9 @@ def quantize_symmetric(
         shape = [1] * array.ndim
         shape[axis] = -1
     scales = np.where(bound > 0, bound / levels, 1.0).astype(np.float32)
+    if floor is not None:  # one scale for the tensor: the largest channel's floor
+        floor = np.max(floor, initial=0.0) if axis is None else floor
+        scales = np.maximum(scales, floor).astype(np.float32)
     q = np.clip(np.round(array / scales.reshape(shape)), -levels, levels).astype(np.int8)
     return q, scales
 

@@ -53,16 +53,31 @@ class TensorStats:
             self.channels.add(array)
 
     def add_histogram(self, array: np.ndarray) -> None:
-        if not self.float32:
+        """Count ``array`` into the histogram over [-edge, edge], doubling the edge (and
+        merging bin pairs, exactly) whenever a batch reaches past it: one sweep suffices."""
+        if not self.float32 or not self.finite or array.size == 0:
             return
+        reach = float(max(-array.min(), array.max()))
         if self.hist is None:
-            self.edge = max(abs(self.lo), abs(self.hi), 1e-12)
+            self.edge = max(reach, 1e-12)
             self.hist = np.zeros(BINS, np.int64)
-        counts, _ = np.histogram(array, bins=BINS, range=(-self.edge, self.edge))
+        while reach > self.edge:
+            self._double_edge()
+        per_bin = np.float32(BINS / (2 * self.edge))
+        bins = np.multiply(array.ravel(), per_bin, dtype=np.float32)
+        bins += np.float32(BINS // 2)  # 0.0 lands on the first bin of the positive half
+        indices = np.clip(bins, 0, BINS - 1).astype(np.intp)
+        counts = np.bincount(indices, minlength=BINS)
         zeros = int(array.size - np.count_nonzero(array))
-        counts[BINS // 2] -= zeros  # 0.0 falls in the first bin of the positive half
+        counts[BINS // 2] -= zeros
         self.hist += counts
         self.zeros += zeros
+
+    def _double_edge(self) -> None:
+        assert self.hist is not None
+        merged = np.zeros(BINS, np.int64)
+        merged[BINS // 4 : 3 * BINS // 4] = self.hist.reshape(-1, 2).sum(1)
+        self.hist, self.edge = merged, 2 * self.edge
 
 
 def collect(
@@ -76,26 +91,21 @@ def collect(
 ) -> dict[str, TensorStats]:
     """Statistics of the named tensors over ``feeds``, a batch at a time.
 
-    A first sweep gathers min/max (and per-channel means of the tensors in
-    ``channel_axes``); histogram methods need the final extremes to fix their bins, so they
-    take a second sweep.
+    One sweep gathers min/max (and per-channel means of the tensors in ``channel_axes``)
+    and, for the histogram methods, histograms whose edge grows as batches need it.
     """
     axes = channel_axes or {}
     stats = {
         name: TensorStats(channels=ChannelMean(axes[name]) if name in axes else None)
         for name in names
     }
-    sweeps = 2 if histograms else 1
     label = "model being calibrated"
     for i, values in enumerate(captured(model, names, feeds, label)):
         for name, array in values.items():
             stats[name].add_extremes(array)
-        _tick(progress, f"calibration 1/{sweeps}", i + 1, len(feeds))
-    if histograms:
-        for i, values in enumerate(captured(model, names, feeds, label)):
-            for name, array in values.items():
+            if histograms:
                 stats[name].add_histogram(array)
-            _tick(progress, "calibration 2/2", i + 1, len(feeds))
+        _tick(progress, "calibration", i + 1, len(feeds))
     missing = [n for n, s in stats.items() if s.lo > s.hi]
     if missing:
         logger.debug("no values seen for %d tensors", len(missing))

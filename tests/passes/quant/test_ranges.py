@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.passes.quant.ranges import TensorStats, choose_range, collect, fake_quantize
+from onnxcompress.passes.quant.ranges import (
+    BINS,
+    TensorStats,
+    choose_range,
+    collect,
+    fake_quantize,
+)
 from tests.passes.quant.test_qdq import conv_model, feeds
 
 
@@ -30,7 +36,24 @@ def test_calibration_streams_running_statistics():
     np.testing.assert_allclose(stats["x"].channel_mean, everything.mean((0, 2, 3)), atol=1e-6)
     assert stats["x"].hist.sum() + stats["x"].zeros == everything.size
     assert stats["r1"].zeros > 0  # ReLU zeros are counted apart from the histogram
-    assert lines[-1].startswith("calibration 2/2") and lines[-1].endswith("5/5")
+    assert lines[-1].startswith("calibration [") and lines[-1].endswith("5/5")
+
+
+def test_histogram_edge_grows_in_one_sweep_without_losing_counts():
+    """A later batch reaching past the edge doubles it, merging bin pairs: the result is the
+    histogram of everything over the final edge (bar float rounding at bin boundaries)."""
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal(5000).astype(np.float32) * scale for scale in (1, 7, 2)]
+    stats = TensorStats()
+    for batch in batches:
+        stats.add_extremes(batch)
+        stats.add_histogram(batch)
+    everything = np.concatenate(batches)
+    assert stats.edge >= np.abs(everything).max()
+    assert stats.edge < 2 * np.abs(everything).max() * 2  # doubled only as often as needed
+    reference, _ = np.histogram(everything, bins=BINS, range=(-stats.edge, stats.edge))
+    assert stats.hist.sum() + stats.zeros == everything.size
+    assert np.abs(stats.hist - reference).sum() <= everything.size // 1000
 
 
 def test_range_methods_clip_outliers():
