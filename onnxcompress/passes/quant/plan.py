@@ -170,16 +170,26 @@ def activation_tensors(planned: Iterable[ir.Node]) -> set[str]:
 
     Graph outputs stay float: their names and precision are the model's contract, and
     onnxruntime has float-output forms of its quantized kernels for them."""
+    planned = list(planned)
+    chosen = set(map(id, planned))
     names = set()
     for node in planned:
         output = node.outputs[0]
-        outputs = [] if output.is_graph_output() else [output]
+        outputs = [] if output.is_graph_output() or _only_float_readers(node, chosen) else [output]
         # an input that is also a graph output is quantized for its readers; the graph output
         # itself stays the float value
         for value in [*_activation_inputs(node), *outputs]:
             if value.name and not _feeds_quantize(value) and not from_dequantize(value):
                 names.add(value.name)
     return names
+
+
+def _only_float_readers(node: ir.Node, chosen: set[int]) -> bool:
+    """An Add/Mul whose result only float ops read (an attention mask added to the scores
+    before Softmax): quantizing that result would only add error, and a mask's -10000 would
+    leave the scores one level."""
+    readers = [use.node for use in node.outputs[0].uses()]
+    return node.op_type in ("Add", "Mul") and not any(id(r) in chosen for r in readers)
 
 
 def split_by_tensors(

@@ -42,19 +42,44 @@ DATA_TYPES = frozenset({ir.DataType.FLOAT, None})
 
 
 def shape_tensors(graph: ir.Graph) -> set[str]:
-    """Names of the tensors that compute shapes: made from Shape/Size (forward), read as a
-    shape input (backward through the nodes that only feed such inputs), or of a known type
-    other than float32."""
-    names: set[str] = set()
+    """Names of the tensors that compute shapes: made from Shape/Size only (forward), read as
+    a shape input (backward through the nodes that only feed such inputs), or of a known type
+    other than float32. An integer tensor is not followed forward: a mask cast to float and
+    added to attention scores is data from the Cast on."""
     nodes = list(graph)
-    changed = True
-    while changed:  # forward and backward until nothing new: graphs are small, sweeps few
-        changed = _forward(nodes, names) | _backward(nodes, names)
-    for node in nodes:
-        for value in [*node.inputs, *node.outputs]:
-            if value is not None and value.name and value.dtype not in DATA_TYPES:
-                names.add(value.name)
+    names: set[str] = set()
+    while _forward(nodes, names):  # what Shape/Size make, and everything made from it only
+        pass
+    names |= {
+        value.name
+        for node in nodes
+        for value in [*node.inputs, *node.outputs]
+        if value is not None and value.name and not is_constant(value)
+        if value.dtype not in DATA_TYPES
+    }
+    while _backward(nodes, names):  # what only ever feeds a shape input
+        pass
+    _follow_integer_moves(nodes, names)
     return names
+
+
+#: Ops whose output has their first input's type, whatever it is.
+TYPE_KEEPING = frozenset(
+    {"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Expand", "Tile", "Slice"}
+    | {"Identity", "Gather", "Concat"}
+)
+
+
+def _follow_integer_moves(nodes: list[ir.Node], names: set[str]) -> None:
+    """Without inferred types, an int64 mask moved by Unsqueeze stays int64 until a Cast."""
+    integer = {v.name for n in nodes for v in [*n.inputs, *n.outputs] if v is not None and v.dtype}
+    integer = {name for name in integer if name in names}  # typed, and not float32
+    for node in nodes:
+        first = node.inputs[0] if node.inputs else None
+        if node.op_type in TYPE_KEEPING and first is not None and first.name in integer:
+            outputs = {v.name for v in node.outputs if v is not None and v.name}
+            integer |= outputs
+            names |= outputs
 
 
 def _forward(nodes: list[ir.Node], names: set[str]) -> bool:
