@@ -1,12 +1,16 @@
 """Benchmark the qdq pass against onnxruntime.quantization.quantize_static, side by side.
 
-    python bench/qdq.py [--samples 100] [--runs 50] [--only ultraface,cls,cnn] [--skip-aids]
+    python bench/qdq.py [--samples 100] [--runs 50] [--only lite1,ultraface,cls,cnn] [--skip-aids]
 
 For each model and calibration method, both tools quantize with the same calibration data
 (weights int8 per channel, activations uint8 asymmetric, QDQ format), each in its own
 subprocess so that its peak memory (ru_maxrss of that whole process) and calibration wall time
 are its own. Then fidelity (or accuracy) and onnxruntime latency are measured side by side in
 one process. Latency is the quantized model over the float original (< 1 is faster).
+
+lite1 is EfficientNet-Lite1 on the 100 labelled ImageNet images in two folds (calibrate on 50,
+measure on the other 50): top-1 and agreement with float over both held-out halves, agreement
+on the 11 photos; calibration time and peak memory per fold (mean, max).
 
 A second table shows cross-layer equalization and bias correction on ultraface (depthwise
 convs), before and after; a third, int4 weight-only on ppocrv4_rec.
@@ -29,6 +33,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fixtures.imagenet import feeds as imagenet_feeds  # noqa: E402
+from fixtures.imagenet import folds, lite1_path, photos  # noqa: E402
 from fixtures.mnist import default_real_dir, mnist_split  # noqa: E402
 from fixtures.photos import cls_inputs, photo_crops, ultraface_inputs  # noqa: E402
 
@@ -44,6 +50,8 @@ PERCENTILE = 99.99
 
 def model_path(name: str) -> Path:
     real = default_real_dir()
+    if name.startswith("lite1"):
+        return lite1_path()
     return {
         "ultraface": real / "ultraface_rfb320.onnx",
         "cls": real / "ppocr_mobile_v2_cls.onnx",
@@ -52,7 +60,12 @@ def model_path(name: str) -> Path:
 
 
 def data(name: str, samples: int) -> tuple[list[dict], list[dict], np.ndarray | None]:
-    """(calibration feeds, evaluation feeds, evaluation labels or None): disjoint samples."""
+    """(calibration feeds, evaluation feeds, evaluation labels or None): disjoint samples.
+
+    ``lite1:K`` is EfficientNet-Lite1 on fold K of imagenet100 (50 images each way)."""
+    if name.startswith("lite1:"):
+        (calibration, _), (held_out, labels) = folds(int(name.split(":")[1]))
+        return imagenet_feeds(calibration), imagenet_feeds(held_out, 10), labels
     if name == "ultraface":
         images = ultraface_inputs(samples + 20, seed=1)
         feeds = [{"input": image} for image in images]
@@ -207,6 +220,62 @@ def bench_model(name: str, samples: int, runs: int, folder: Path) -> list[list[s
     return rows
 
 
+def bench_lite1(runs: int, folder: Path) -> list[list[str]]:
+    """EfficientNet-Lite1, two folds: calibrate on 50 images, measure on the other 50; top-1
+    and agreement with float over the 100 held-out predictions, agreement on the photos."""
+    from onnxcompress.validate import Runner, measure_latency
+
+    reference = Runner(str(lite1_path()), "original")
+    pictures = imagenet_feeds(photos(), 11)
+    float_photos = reference.run(pictures[0])[0].argmax(-1)
+    rows = [["lite1", "float", "-", _lite1_float(reference), "1.00", "-", "-"]]
+    for method in METHODS:
+        for tool in ("ours", "onnxruntime"):
+            if tool == "onnxruntime" and method not in ORT_METHODS:
+                rows.append(["lite1", method, tool, "n/a (no such method)", "-", "-", "-"])
+                continue
+            hits, agree, photo_agree, seconds, peaks, latency = [], [], [], [], [], None
+            for fold in (0, 1):
+                output = folder / f"lite1-{fold}-{method}-{tool}.onnx"
+                result = run_child(tool, f"lite1:{fold}", method, 50, output)
+                if "error" in result:
+                    break
+                _, evaluation, labels = data(f"lite1:{fold}", 50)
+                candidate = Runner(str(output), tool)
+                predicted = np.concatenate([candidate.run(f)[0].argmax(-1) for f in evaluation])
+                expected = np.concatenate([reference.run(f)[0].argmax(-1) for f in evaluation])
+                hits.append(predicted == labels)
+                agree.append(predicted == expected)
+                photo_agree.append(candidate.run(pictures[0])[0].argmax(-1) == float_photos)
+                seconds.append(result["seconds"])
+                peaks.append(result["peak_mb"])
+                if latency is None:
+                    ref_ms, cand_ms = measure_latency([reference, candidate], evaluation[0], runs)
+                    latency = cand_ms / ref_ms
+                candidate.close()
+            if len(hits) < 2:
+                rows.append(["lite1", method, tool, f"failed: {result['error']}", "-", "-", "-"])
+                continue
+            fidelity = (
+                f"top1 {np.mean(hits):.2f}, agree {np.mean(agree):.2f}, "
+                f"photos {np.mean(photo_agree):.2f}"
+            )
+            time_and_memory = [f"{np.mean(seconds):.1f}", f"{max(peaks):.0f}"]
+            rows.append(["lite1", method, tool, fidelity, f"{latency:.2f}", *time_and_memory])
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    reference.close()
+    return rows
+
+
+def _lite1_float(reference) -> str:
+    hits = []
+    for fold in (0, 1):
+        _, evaluation, labels = data(f"lite1:{fold}", 50)
+        predicted = np.concatenate([reference.run(f)[0].argmax(-1) for f in evaluation])
+        hits.append(predicted == labels)
+    return f"top1 {np.mean(hits):.2f}"
+
+
 def accuracy_aids(samples: int) -> list[list[str]]:
     """Equalization and bias correction on ultraface (depthwise convs), before and after."""
     from onnxcompress import Options, compress
@@ -277,13 +346,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=100, help="calibration samples")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per latency")
-    parser.add_argument("--only", default="ultraface,cls,cnn", help="models to compare")
+    parser.add_argument("--only", default="lite1,ultraface,cls,cnn", help="models to compare")
     parser.add_argument("--skip-aids", action="store_true", help="skip tables 2 and 3")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-qdq-") as folder:
         for name in args.only.split(","):
-            rows += bench_model(name, args.samples, args.runs, Path(folder))
+            if name == "lite1":
+                rows += bench_lite1(args.runs, Path(folder))
+            else:
+                rows += bench_model(name, args.samples, args.runs, Path(folder))
     header = ["model", "method", "tool", "fidelity", "latency", "calib s", "peak MB"]
     print("\n".join(table(header, rows)))
     if args.skip_aids:

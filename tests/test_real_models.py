@@ -32,7 +32,7 @@ REAL_DIMS = {
 
 
 def _dims(name: str) -> list[str]:
-    return [arg for dim in REAL_DIMS[name] for arg in ("--dim", dim)]
+    return [arg for dim in REAL_DIMS.get(name, []) for arg in ("--dim", dim)]
 
 
 @pytest.mark.parametrize("name", sorted(REAL_DIMS))
@@ -151,3 +151,35 @@ def test_torch_export_with_a_dynamic_batch_needs_no_dim(real, tmp_path):
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert out.exists() and "pass lowrank" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*sorted(REAL_DIMS), "efficientnet_lite1.onnx"])
+def test_default_qdq_runs_and_validates_on_every_real_model(real, tmp_path, name):
+    """Issue 12: default qdq once ended in exit 3 on EfficientNet-Lite1 (an int64 shape path
+    got a QuantizeLinear). Every real model: exit 0, validated, no Q/DQ on a non-float."""
+    out = tmp_path / name
+    args = ["compress", str(real / name), "-o", str(out), "-p", "qdq", "--samples", "2"]
+    result = CliRunner().invoke(main, [*args, *_dims(name), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["validation"]["outputs"]
+    model = ir.load(out)
+    quantized = [n.inputs[0] for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert quantized and all(v.dtype in (ir.DataType.FLOAT, None) for v in quantized)
+
+
+@pytest.mark.slow
+def test_lite1_int8_agrees_with_float_on_real_images(real):
+    """EfficientNet-Lite1 calibrated on 10 ImageNet images agrees with float on 20 others,
+    with its Pads folded into the convs and its ReLU6 clamps absorbed."""
+    from fixtures.imagenet import feeds, imagenet100
+
+    images, _ = imagenet100(str(real))
+    path = str(real / "efficientnet_lite1.onnx")
+    quantized, _ = compress(path, ["qdq"], feeds(images[:10]), options=Options())
+    ops = [n.op_type for n in quantized.graph]
+    assert "Pad" not in ops and "Clip" not in ops
+    assert ops.count("Conv") == 64
+    reference = np.concatenate([run(path, f)[0] for f in feeds(images[50:70], 10)])
+    candidate = np.concatenate([run(quantized, f)[0] for f in feeds(images[50:70], 10)])
+    assert np.mean(reference.argmax(-1) == candidate.argmax(-1)) >= 0.9
