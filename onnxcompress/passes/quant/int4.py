@@ -191,9 +191,7 @@ class Int4(CompressionPass):
         values = np.moveaxis(blocks.values, 0, axis)
         scales = np.moveaxis(blocks.scales, 0, axis)
         zeros = None if blocks.zeros is None else np.moveaxis(blocks.zeros, 0, axis)
-        dq = constant_dq(
-            emitter, node.inputs[1], values, scales, zeros, axis, block=self.config.block_size
-        )
+        dq = constant_dq(emitter, node.inputs[1], values, scales, zeros, axis, block=blocks.block)
         node.replace_input_with(1, dq)
         return blocks.nbytes
 
@@ -215,7 +213,7 @@ class Int4(CompressionPass):
         elif form == "dq":
             values, scales = blocks.values.T, blocks.scales.T
             zeros = None if blocks.zeros is None else blocks.zeros.T
-            dq = constant_dq(emitter, table, values, scales, zeros, 1, block=cfg.block_size)
+            dq = constant_dq(emitter, table, values, scales, zeros, 1, block=blocks.block)
             node.replace_input_with(0, dq)
             stored = blocks.nbytes
         else:

@@ -35,17 +35,20 @@ MS_DOMAIN = "com.microsoft"
 #: (min K, min N, min K*N) by block size, for more than one activation row. Measured layer by
 #: layer, side by side, on a 2-core AMD EPYC (Zen 5: AVX-512 VNNI), onnxruntime 1.32, 1 and 2
 #: threads, rows 16 to 512 (``python bench/int4.py --shapes``): a smaller layer spends more on
-#: quantizing its activations and scaling its blocks than the 4-bit weight saves; small blocks
-#: cost more scaling. Block 16 was slower than float at every size with rows > 1.
+#: quantizing its activations and scaling its blocks than the 4-bit weight saves, and smaller
+#: blocks cost more scaling. Below a limit MatMulNBits ran up to 1.7x slower than float (3x at
+#: block 16); above it 0.5-0.95x.
 NBITS_MIN_SIZE = {
+    16: (2048, 512, 1 << 21),
     32: (1024, 256, 1 << 20),
     64: (1024, 256, 1 << 18),
     128: (384, 256, 1 << 18),
     256: (384, 256, 1 << 18),
 }
 #: With a single activation row the product is bound by reading the weight: 4 bits win from
-#: here (any block size).
-NBITS_MIN_SIZE_ONE_ROW = 1 << 17
+#: this K*N on (block 16, with four times the scales of block 64, from a larger one).
+NBITS_MIN_SIZE_ONE_ROW = {16: 1 << 19}
+ONE_ROW_DEFAULT = 1 << 17
 
 
 def nbits_pays(rows: int | None, k: int, n: int, block: int, accuracy_level: int) -> str | None:
@@ -56,13 +59,11 @@ def nbits_pays(rows: int | None, k: int, n: int, block: int, accuracy_level: int
     if accuracy_level != 4:
         return f"accuracy_level {accuracy_level} dequantizes to float on every run"
     if rows == 1:
-        if k * n >= NBITS_MIN_SIZE_ONE_ROW:
+        min_kn = NBITS_MIN_SIZE_ONE_ROW.get(block, ONE_ROW_DEFAULT)
+        if k * n >= min_kn:
             return None
-        return f"{k}x{n} is too small for MatMulNBits to pay (K*N < {NBITS_MIN_SIZE_ONE_ROW})"
-    limits = NBITS_MIN_SIZE.get(block)
-    if limits is None:
-        return f"MatMulNBits with block_size {block} is slower than float at {rows or '>1'} rows"
-    min_k, min_n, min_kn = limits
+        return f"{k}x{n} is too small for MatMulNBits to pay at 1 row (K*N < {min_kn})"
+    min_k, min_n, min_kn = NBITS_MIN_SIZE[block]
     if k < min_k or n < min_n or k * n < min_kn:
         return (
             f"{k}x{n} is too small for MatMulNBits to pay at {rows or '>1'} rows "
