@@ -57,19 +57,21 @@ def nbits_pays(rows: int | None, k: int, n: int, block: int, accuracy_level: int
     ``rows``: activation rows per run (the product of the input's leading dims), None if
     unknown (then judged as several rows)."""
     if accuracy_level != 4:
-        return f"accuracy_level {accuracy_level} dequantizes to float on every run"
+        return f"the size rule covers accuracy_level 4 only (min_speedup measures {accuracy_level})"
     if rows == 1:
         min_kn = NBITS_MIN_SIZE_ONE_ROW.get(block, ONE_ROW_DEFAULT)
         if k * n >= min_kn:
             return None
-        return f"{k}x{n} is too small for MatMulNBits to pay at 1 row (K*N < {min_kn})"
+        return f"{k}x{n} too small for MatMulNBits at 1 row (needs K*N >= 2^{_log2(min_kn)})"
     min_k, min_n, min_kn = NBITS_MIN_SIZE[block]
     if k < min_k or n < min_n or k * n < min_kn:
-        return (
-            f"{k}x{n} is too small for MatMulNBits to pay at {rows or '>1'} rows "
-            f"(block_size {block}: K >= {min_k}, N >= {min_n}, K*N >= {min_kn})"
-        )
+        needs = f"K >= {min_k}, N >= {min_n}, K*N >= 2^{_log2(min_kn)}"
+        return f"{k}x{n} too small for MatMulNBits at {rows or 'several'} rows (needs {needs})"
     return None
+
+
+def _log2(value: int) -> int:
+    return value.bit_length() - 1
 
 
 def matmulnbits_node(

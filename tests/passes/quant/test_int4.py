@@ -168,9 +168,9 @@ def test_the_size_rule():
     assert "too small" in nbits_pays(40, 120, 6625, 128, 4)
     assert "too small" in nbits_pays(None, 512, 512, 32, 4)  # unknown rows: judged as many
     assert nbits_pays(128, 2048, 512, 32, 4) is None
-    assert "block_size 16" in nbits_pays(128, 1536, 384, 16, 4)
+    assert "K >= 2048" in nbits_pays(128, 1536, 384, 16, 4)  # block 16
     assert nbits_pays(128, 3072, 768, 16, 4) is None
-    assert "accuracy_level 0" in nbits_pays(1, 4096, 4096, 128, 0)
+    assert "accuracy_level 4 only" in nbits_pays(1, 4096, 4096, 128, 0)
 
 
 def test_min_speedup_times_the_layer_both_ways():
