@@ -65,6 +65,10 @@ INT4 = [
     "int4:block_size=32",
     "int4:block_size=128,symmetric=false",
     "int4:block_size=32,matmulnbits=true",
+    "int4:block_size=128",
+    "int4:form=matmulnbits",
+    "int4:form=folded",
+    "int4:form=dq",
 ]
 
 

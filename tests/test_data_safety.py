@@ -160,14 +160,14 @@ def test_huge_calibration_values_never_give_non_finite_weights():
 
 
 def test_opset_upgrade_keeps_finding_external_data_from_another_folder(tmp_path, monkeypatch):
-    """int4 upgrades the opset; the rebuilt model once looked for its data in the working
-    directory (FileNotFoundError), which also bypassed the folder guard."""
+    """int4:form=dq upgrades the opset; the rebuilt model once looked for its data in the
+    working directory (FileNotFoundError), which also bypassed the folder guard."""
     source = _external(tmp_path / "models")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     out = tmp_path / "out" / "o.onnx"
-    result = invoke("compress", source, "-o", out, "-p", "int4")
+    result = invoke("compress", source, "-o", out, "-p", "int4:form=dq")
     assert result.exit_code == 0, result.output
     feed = {"X": np.ones((3, 64), np.float32)}
     expected = run(source, feed)[0]

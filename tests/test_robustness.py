@@ -17,6 +17,7 @@ from tests.test_cli import assert_one_clear_line, invoke
 PASS_SETTINGS = [
     "lowrank:rank=8",
     "int4",
+    "int4:form=dq",  # upgrades the opset to 21
     "codebook",
     "prune:ratio=0.3",
     "sparsity:ratio=0.5",
@@ -207,7 +208,7 @@ def test_bad_option_values_exit_2_without_a_traceback(tmp_path, option):
 
 @pytest.mark.parametrize("setting", PASS_SETTINGS)
 def test_local_functions_survive_every_pass(tmp_path, setting):
-    """int4 upgrades the opset, and onnx's converter dropped the function: onnxruntime then
+    """int4:form=dq upgrades the opset, and onnx's converter dropped the function: onnxruntime then
     could not load the result (`local:Dense(-1) is not a registered function/op`)."""
     source, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
     onnx.save(corpus.with_local_function(), source)

@@ -1,5 +1,5 @@
-"""qdq (int8 static) and int4 (weight-only): placement, fusion in onnxruntime, exact float
-rewrites (BN folding, equalization), calibration aids, skips, and real models."""
+"""qdq (int8 static): placement, fusion in onnxruntime, exact float rewrites (BN folding,
+equalization), calibration aids, skips, and real models. int4 is in test_int4.py."""
 
 from __future__ import annotations
 
@@ -92,10 +92,6 @@ def quantize(model, setting="qdq", data=None) -> tuple[ir.Model, object]:
     """Compress a copy of ``model`` (a ModelProto) and return it as an ir.Model."""
     copy = ir.from_proto(model)
     return compress(copy, [setting], calibration=data or feeds(), options=NO_VALIDATE)
-
-
-def int4(model, setting="int4") -> tuple[ir.Model, object]:
-    return compress(ir.from_proto(model), [setting], options=NO_VALIDATE)
 
 
 # -- structure and fusion -------------------------------------------------------------------
@@ -334,72 +330,6 @@ def test_float16_is_skipped():
     assert "non-float" in report.passes[0].layers[0].reason
 
 
-# -- int4 weight-only ----------------------------------------------------------------------
-
-
-def matmul_model(k=96, n=16):
-    w = np.random.default_rng(4).standard_normal((k, n)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"], name="/mm/MatMul")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
-        [numpy_helper.from_array(w, "W")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("block", [32, 64])
-def test_int4_blocked_dequantize(symmetric, block):
-    model = matmul_model(k=96)  # 96 = 1.5 blocks of 64: a partial last block
-    quantized, report = int4(model, f"int4:block_size={block},symmetric={str(symmetric).lower()}")
-    dq = next(n for n in quantized.graph if n.op_type == "DequantizeLinear")
-    assert dq.attributes.get_int("block_size") == block
-    assert dq.inputs[0].const_value.dtype == (ir.DataType.INT4 if symmetric else ir.DataType.UINT4)
-    assert dq.inputs[1].const_value.shape == (-(-96 // block), 16)
-    layer = report.passes[0].layers[0]
-    assert layer.bytes_after < layer.bytes_before / 5 and layer.weight_error < 0.15
-    x = np.random.default_rng(5).standard_normal((3, 96)).astype(np.float32)
-    assert rel_error(run(model, {"x": x})[0], run(quantized, {"x": x})[0]) < 0.15
-
-
-def test_int4_matmulnbits_matches_blocked_dequantize():
-    model = matmul_model(k=80)
-    x = {"x": np.random.default_rng(6).standard_normal((3, 80)).astype(np.float32)}
-    for symmetric in ("true", "false"):
-        setting = f"block_size=32,symmetric={symmetric}"
-        nbits, _ = int4(model, f"int4:matmulnbits=true,{setting}")
-        blocked, _ = int4(model, f"int4:{setting}")
-        assert [n.op_type for n in nbits.graph] == ["MatMulNBits"]
-        reference = run(model, x)[0]
-        nbits_error = rel_error(reference, run(nbits, x)[0])
-        blocked_error = rel_error(reference, run(blocked, x)[0])
-        assert nbits_error < 0.15 and abs(nbits_error - blocked_error) < 0.02
-
-
-def test_int4_gemm_blocks_run_along_the_reduction_axis():
-    model = conv_model()  # its Gemm stores W3 as [3, 8] with transB=1: blocks along axis 1
-    quantized, report = int4(model, "int4:block_size=16")
-    dq = next(n for n in quantized.graph if n.op_type == "DequantizeLinear")
-    assert dq.attributes.get_int("axis") == 1 and dq.inputs[1].const_value.shape == (3, 1)
-    gemm = report.passes[0].layers[0]
-    assert gemm.node == "/fc/Gemm" and gemm.action == "rewritten"
-    test = feeds(1)[0]
-    assert rel_error(run(model, test)[0], run(quantized, test)[0]) < 0.2
-
-
-def test_int4_skips_activation_weights():
-    model = parse(
-        """
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 4] x, float[4, 3] W) => (float[N, 3] y) { y = MatMul(x, W) }
-        """
-    )
-    _, report = int4(model)
-    assert report.passes[0].layers[0].reason == "weight is not a constant"
-
-
 # -- real models ---------------------------------------------------------------------------
 
 
@@ -439,19 +369,6 @@ def test_ppocr_cls_quantized_agrees_and_fuses(real, tmp_path):
     candidate = np.concatenate([run(quantized, f)[0] for f in data[2:]])
     assert np.mean(reference.argmax(-1) == candidate.argmax(-1)) >= 0.85
     assert optimized_ops(quantized, tmp_path).count("QLinearConv") == 53
-
-
-@pytest.mark.slow
-def test_int4_on_ppocrv4_rec_runs(real):
-    from onnxcompress import load, synthetic_feeds
-
-    dims = {"p2o.DynamicDimension.0": 1, "x:2": 48, "p2o.DynamicDimension.1": 160}
-    path = str(real / "ppocrv4_rec.onnx")
-    data = synthetic_feeds(load(path), dims, samples=1)
-    quantized, report = compress(path, ["int4"], data, options=Options(dims=dims))
-    assert report.passes[0].totals()["layers_rewritten"] >= 9
-    assert report.validation.outputs[0].rel_l2 < 0.5
-    assert quantized.metadata_props.get("character")
 
 
 def test_the_same_run_writes_the_same_bytes_whatever_the_hash_seed(tmp_path):
