@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -36,6 +36,9 @@ class TensorStats:
     zeros: int = 0  # exact zeros (ReLU outputs): representable exactly, so never clipped
     float32: bool = True  # every value seen was float32 (int64 shape paths, float16 are not)
     finite: bool = True  # no infinity or NaN seen
+    batches: int = 0  # batches counted into the histogram
+    odd: np.ndarray | None = None  # the histogram of the odd-numbered batches alone
+    odd_zeros: int = 0
 
     @property
     def channel_mean(self) -> np.ndarray | None:
@@ -60,7 +63,7 @@ class TensorStats:
         reach = float(max(-array.min(), array.max()))
         if self.hist is None:
             self.edge = max(reach, 1e-12)
-            self.hist = np.zeros(BINS, np.int64)
+            self.hist, self.odd = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
         while reach > self.edge:
             self._double_edge()
         per_bin = np.float32(BINS / (2 * self.edge))
@@ -72,12 +75,28 @@ class TensorStats:
         counts[BINS // 2] -= zeros
         self.hist += counts
         self.zeros += zeros
+        if self.batches % 2:
+            self.odd += counts
+            self.odd_zeros += zeros
+        self.batches += 1
 
     def _double_edge(self) -> None:
-        assert self.hist is not None
-        merged = np.zeros(BINS, np.int64)
-        merged[BINS // 4 : 3 * BINS // 4] = self.hist.reshape(-1, 2).sum(1)
-        self.hist, self.edge = merged, 2 * self.edge
+        self.hist, self.odd, self.edge = _merged(self.hist), _merged(self.odd), 2 * self.edge
+
+    def halves(self) -> tuple[TensorStats, TensorStats] | None:
+        """The statistics of the even- and odd-numbered batches apart (the extremes are the
+        whole set's), or None with fewer than two batches."""
+        if self.batches < 2 or self.hist is None or self.odd is None:
+            return None
+        even = replace(self, hist=self.hist - self.odd, zeros=self.zeros - self.odd_zeros)
+        return even, replace(self, hist=self.odd, zeros=self.odd_zeros)
+
+
+def _merged(hist: np.ndarray) -> np.ndarray:
+    """The histogram over twice the edge: bin pairs merged into the middle half."""
+    merged = np.zeros(BINS, np.int64)
+    merged[BINS // 4 : 3 * BINS // 4] = hist.reshape(-1, 2).sum(1)
+    return merged
 
 
 def collect(
@@ -129,6 +148,7 @@ def choose_range(
     symmetric: bool,
     percentile: float = 99.99,
     entropy_guard: bool = True,
+    holdout: bool = False,
 ) -> tuple[float, float]:
     """The clipping range [lo, hi] of one tensor for ``method``.
 
@@ -136,8 +156,28 @@ def choose_range(
     are centred on zero, as int8 with a zero point of 0 needs. With ``entropy_guard``, a KL
     threshold is kept only when it does not raise the tensor's own squared quantization
     error above that of min/max: KL alone happily clips heavy tails (ReLU outputs) that the
-    next layers need.
+    next layers need. With ``holdout``, a clipped range is kept only when, chosen on one half
+    of the calibration batches, it beats min/max on the other half (both ways round): a
+    small calibration set shows too little of the tails to clip them safely.
     """
+    options = dict(
+        levels=levels, symmetric=symmetric, percentile=percentile, entropy_guard=entropy_guard
+    )
+    chosen = _method_range(stats, method, **options)
+    if holdout and chosen != (stats.lo, stats.hi) and not _holds_out(stats, method, options):
+        return stats.lo, stats.hi
+    return chosen
+
+
+def _method_range(
+    stats: TensorStats,
+    method: str,
+    *,
+    levels: int,
+    symmetric: bool,
+    percentile: float,
+    entropy_guard: bool,
+) -> tuple[float, float]:
     if stats.lo > stats.hi:
         return 0.0, 0.0
     if method == "minmax" or stats.hist is None or stats.hist.sum() == 0:
@@ -155,6 +195,21 @@ def choose_range(
     else:
         raise ValueError(f"unknown calibration method {method!r}")
     return max(lo, stats.lo), min(hi, stats.hi)
+
+
+def _holds_out(stats: TensorStats, method: str, options: dict) -> bool:
+    """Whether ``method``'s range, fitted on each half of the batches, has less squared error
+    than min/max on the other half, summed over both ways round."""
+    halves = stats.halves()
+    if halves is None:
+        return False
+    levels, symmetric = options["levels"], options["symmetric"]
+    clipped = plain = 0.0
+    for train, test in (halves, halves[::-1]):
+        error = _HistogramError(test, levels, symmetric)
+        clipped += error(*_method_range(train, method, **options))
+        plain += error(stats.lo, stats.hi)
+    return clipped < plain
 
 
 def _centers(stats: TensorStats) -> np.ndarray:

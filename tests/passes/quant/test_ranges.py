@@ -109,3 +109,37 @@ def test_entropy_guard_never_raises_the_histogram_error_above_min_max():
     guarded = choose_range(stats, "entropy", levels=255, symmetric=False)
     assert pure[1] < stats.hi  # KL clips the exponential tail
     assert error(*guarded) <= error(stats.lo, stats.hi)
+
+
+def _batched(batches: list[np.ndarray]) -> TensorStats:
+    stats = TensorStats()
+    for batch in batches:
+        stats.add_extremes(batch)
+    for batch in batches:
+        stats.add_histogram(batch)
+    return stats
+
+
+def test_holdout_guard_keeps_a_clip_both_halves_agree_on():
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(4):  # every batch: a bulk and a few far outliers
+        batch = rng.standard_normal(20000).astype(np.float32)
+        batch[:3] = rng.uniform(60, 100, 3)
+        batches.append(batch)
+    stats = _batched(batches)
+    clipped = choose_range(stats, "mse", levels=255, symmetric=False)
+    assert clipped[1] < stats.hi  # mse clips the rare tail
+    assert choose_range(stats, "mse", levels=255, symmetric=False, holdout=True) == clipped
+
+
+def test_holdout_guard_refuses_a_clip_the_other_half_contradicts():
+    """One half of the batches is narrow, the other carries a wide, well-populated band: a
+    range fitted on the narrow half clips what the other half needs, so min/max stays."""
+    rng = np.random.default_rng(1)
+    narrow = [rng.standard_normal(20000).astype(np.float32) for _ in range(2)]
+    wide = [rng.uniform(-40, 40, 20000).astype(np.float32) for _ in range(2)]
+    stats = _batched([narrow[0], wide[0], narrow[1], wide[1]])  # halves: even narrow, odd wide
+    guarded = choose_range(stats, "percentile", levels=255, symmetric=False, holdout=True)
+    assert guarded == (stats.lo, stats.hi)
+    assert stats.halves() is not None and _batched(narrow[:1]).halves() is None
