@@ -132,8 +132,9 @@ class Qdq(CompressionPass):
                 report.notes.append(f"folded {folded} BatchNormalization into Conv")
         planned, skipped = plan_nodes(model, cfg.op_types, cfg.exclude, cfg.exclude_first_last)
         report.layers.extend(skipped)
+        equalized: dict[str, str] = {}
         if cfg.equalize:
-            report.notes.append(equalize(model, planned))
+            report.notes.append(equalize(model, planned, details=equalized))
         feeds = _feeds(model, ctx)
         tensors = activation_tensors(planned)
         stats = collect(
@@ -147,7 +148,11 @@ class Qdq(CompressionPass):
         planned, tensors = self._float32_only(planned, stats, report)
         params = self._activation_params(model, planned, tensors, stats)
         sensitivity = self._sensitivity(model, planned, params, stats, feeds)
-        report.layers.extend(self._rewrite(emitter, planned, params, stats, sensitivity))
+        layers = self._rewrite(emitter, planned, params, stats, sensitivity)
+        for layer in layers:
+            if layer.node in equalized:
+                layer.detail["equalized"] = equalized[layer.node]
+        report.layers.extend(layers)
         model.graph.sort()
         return report
 

@@ -256,9 +256,25 @@ def test_equalization_reduces_error_with_per_tensor_weights():
     test = feeds(4, seed=5)
     errors = {}
     for flag in ("false", "true"):
-        quantized, _ = quantize(model, f"qdq:per_channel=false,equalize={flag}")
+        quantized, report = quantize(model, f"qdq:per_channel=false,equalize={flag}")
         errors[flag] = np.mean([rel_error(run(model, f)[0], run(quantized, f)[0]) for f in test])
     assert errors["true"] < errors["false"]
+    details = {layer.node: layer.detail.get("equalized") for layer in report.passes[0].layers}
+    assert details["/conv1/Conv"].startswith("outputs / s, s in [")
+    assert details["/conv2/Conv"].endswith("with /conv1/Conv")
+
+
+def test_equalization_says_why_relu6_pairs_are_left_alone():
+    proto = conv_model()
+    relu = proto.graph.node[1]
+    relu.op_type = "Clip"
+    proto.graph.initializer.extend(
+        [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0), ("hi", 6))]
+    )
+    relu.input.extend(["lo", "hi"])
+    model = ir.from_proto(proto)
+    note = equalize(model, list(model.graph))
+    assert note.startswith("equalized 0 conv pair(s); 1 Conv -> Clip -> Conv pair(s) left alone")
 
 
 def test_bias_correction_removes_the_mean_shift():
