@@ -95,6 +95,7 @@ class Qdq(CompressionPass):
         # data, off with synthetic feeds (whose means say nothing about real inputs)
         bias_correction: bool | None = None
         sensitivity: bool = False  # per weighted layer: output error with it alone quantized
+        keep_float: int = 0  # mixed precision: the N most sensitive weighted layers stay float
 
         def __post_init__(self) -> None:
             unknown = sorted(set(self.op_types) - SUPPORTED_OP_TYPES)
@@ -105,6 +106,7 @@ class Qdq(CompressionPass):
                 {
                     "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
                     "percentile": (lambda v: 50 < v <= 100, "in (50, 100]"),
+                    "keep_float": (lambda v: v >= 0, ">= 0"),
                     "activation_type": (lambda v: v in ("uint8", "int8"), "uint8 or int8"),
                 },
             )
@@ -148,6 +150,13 @@ class Qdq(CompressionPass):
         planned, tensors = self._float32_only(planned, stats, report)
         params = self._activation_params(model, planned, tensors, stats)
         sensitivity = self._sensitivity(model, planned, params, stats, feeds)
+        if cfg.keep_float:
+            planned, kept = self._keep_most_sensitive(planned, sensitivity, report)
+            params = self._activation_params(model, planned, activation_tensors(planned), stats)
+            for node in kept:  # no Q/DQ around a float layer: see _keep_most_sensitive
+                params.pop(node.outputs[0].name, None)
+                if len(node.inputs[0].uses()) == 1:
+                    params.pop(node.inputs[0].name, None)
         layers = self._rewrite(emitter, planned, params, stats, sensitivity)
         for layer in layers:
             if layer.node in equalized:
@@ -197,13 +206,27 @@ class Qdq(CompressionPass):
 
     def _sensitivity(self, model, planned, params, stats, feeds) -> dict[str, float]:
         """With ``sensitivity``: each weighted layer's output error when quantized alone."""
-        if not self.config.sensitivity:
+        if not (self.config.sensitivity or self.config.keep_float):
             return {}
 
         def rewrite(copy: ir.Model, nodes: list[ir.Node], chosen: dict[str, QParams]) -> None:
             self._rewrite(Emitter(copy, self.name), nodes, chosen, stats)
 
         return layer_sensitivity(model, planned, params, feeds, rewrite)
+
+    def _keep_most_sensitive(self, planned, sensitivity, report):
+        """The planned nodes without the ``keep_float`` layers whose quantization alone costs
+        the most, and those layers. A kept layer's input (when it alone reads it) and output
+        get no Q/DQ: onnxruntime (1.32) quantizes the float weights of a Conv that reads a
+        DequantizeLinear itself, per tensor, which on lite1's first depthwise conv raised the
+        model's error 2.5x."""
+        ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)[: self.config.keep_float]
+        kept = [node for node in planned if node_label(node) in ranked]
+        for node in kept:
+            error = sensitivity[node_label(node)]
+            reason = f"kept in float (keep_float): output rel L2 {error:.3g} quantized alone"
+            report.layers.append(LayerReport.skipped(node, reason))
+        return [node for node in planned if node not in kept], kept
 
     def _rewrite(self, emitter, planned, params, stats, sensitivity=None) -> list[LayerReport]:
         """Insert Q/DQ on every activation in ``params``, then quantize each planned node's

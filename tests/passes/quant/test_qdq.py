@@ -405,3 +405,31 @@ def test_the_same_run_writes_the_same_bytes_whatever_the_hash_seed(tmp_path):
         subprocess.run([*command, "-p", "qdq", "--no-validate"], env=env, check=True)
         digests.add(out.read_bytes())
     assert len(digests) == 1
+
+
+def test_keep_float_leaves_the_most_sensitive_layer_float_and_unwrapped(tmp_path):
+    """Mixed precision: the layer whose quantization alone costs the most stays float, with no
+    DequantizeLinear on its input (onnxruntime would quantize the weights of a Conv reading
+    one itself, per tensor) and no Q/DQ on its output."""
+    model = conv_model()
+    _, measured = quantize(model, "qdq:sensitivity=true")
+    errors = {
+        layer.node: layer.detail["sensitivity_rel_l2"]
+        for layer in measured.passes[0].layers
+        if "sensitivity_rel_l2" in layer.detail
+    }
+    worst = max(errors, key=errors.get)
+    quantized, report = quantize(model, "qdq:keep_float=1")
+    kept = next(layer for layer in report.passes[0].layers if layer.node == worst)
+    assert kept.action == "skipped" and kept.reason.startswith("kept in float (keep_float)")
+    node = next(n for n in quantized.graph if n.name == worst)
+    assert node.inputs[1].producer() is None  # the float weight itself
+    assert all(use.node.op_type != "QuantizeLinear" for use in node.outputs[0].uses())
+    others = [n for n in quantized.graph if n.op_type in ("Conv", "Gemm") and n.name != worst]
+    assert all(n.inputs[1].producer().op_type == "DequantizeLinear" for n in others)
+    errors = {}
+    for setting in ("qdq", "qdq:keep_float=1"):
+        candidate, _ = quantize(model, setting)
+        test = feeds(4, seed=9)
+        errors[setting] = np.mean([rel_error(run(model, f)[0], run(candidate, f)[0]) for f in test])
+    assert errors["qdq:keep_float=1"] < errors["qdq"]
