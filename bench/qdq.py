@@ -38,11 +38,12 @@ from fixtures.imagenet import folds, lite1_path, photos  # noqa: E402
 from fixtures.mnist import default_real_dir, mnist_split  # noqa: E402
 from fixtures.photos import cls_inputs, photo_crops, ultraface_inputs  # noqa: E402
 
-METHODS = ["minmax", "percentile", "entropy", "entropy-pure-kl", "mse"]
+METHODS = ["minmax", "percentile", "entropy", "entropy-pure-kl", "mse", "mse+keep_float=2"]
 #: Our settings per method; "entropy-pure-kl" is TensorRT's KL without our error guard.
 SETTINGS = {
     "entropy": "qdq:method=entropy",
     "entropy-pure-kl": "qdq:method=entropy,entropy_guard=false",
+    "mse+keep_float=2": "qdq:method=mse,keep_float=2",
 }
 ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 PERCENTILE = 99.99
