@@ -76,6 +76,17 @@ class Emitter:
         node = ir.node(op_type, list(inputs), attributes or {}, domain=domain)
         return self.adopt(node, name, output)
 
+    def prepend(self, nodes: Sequence[ir.Node]) -> None:
+        """Insert nodes that read only initializers (weight decoders) at the graph's start,
+        where they keep it sorted."""
+        if not nodes:
+            return
+        first = next(iter(self.graph), None)
+        if first is None:
+            self.graph.extend(nodes)
+        else:
+            self.graph.insert_before(first, nodes)
+
     def adopt(self, node: ir.Node, name: str | None = None, output: str | None = None) -> ir.Node:
         """Tag ``node`` as this pass's, and give it (and its first output) fresh names."""
         if name is not None:

@@ -14,7 +14,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedN
 
 from onnxcompress.errors import BadModel
 from onnxcompress.graph import default_opset
-from onnxcompress.simplify import fold_pads_into_convs, fold_small_constants
+from onnxcompress.simplify import fold_pads_into_convs, fold_small_constants, replace_by_constant
 
 logger = logging.getLogger(__name__)
 
@@ -125,16 +125,7 @@ def _fold_weight_layout_ops(model: ir.Model) -> list[str]:
         output = node.outputs[0]
         if output.is_graph_output():
             continue
-        value = _evaluate(node, model)
-        folded_value = ir.Value(
-            name=output.name,
-            shape=ir.Shape(value.shape),
-            type=ir.TensorType(ir.DataType.from_numpy(value.dtype)),
-            const_value=ir.Tensor(value, name=output.name),
-        )
-        output.replace_all_uses_with(folded_value)
-        model.graph.remove(node, safe=True)
-        model.graph.register_initializer(folded_value)
+        replace_by_constant(model, node, _evaluate(node, model))
         folded.append(node.op_type)
     RemoveUnusedNodesPass()(model)
     if not folded:

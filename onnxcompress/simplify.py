@@ -42,7 +42,7 @@ def fold_small_constants(model: ir.Model, evaluate) -> list[str]:
             continue
         if array.size > SMALL or array.dtype == object:
             continue
-        _replace_by_constant(model, node, array)
+        replace_by_constant(model, node, array)
         folded[node.op_type] += 1
     if not folded:
         return []
@@ -62,7 +62,8 @@ def _foldable(node: ir.Node) -> bool:
     )
 
 
-def _replace_by_constant(model: ir.Model, node: ir.Node, array: np.ndarray) -> None:
+def replace_by_constant(model: ir.Model, node: ir.Node, array: np.ndarray) -> None:
+    """``node``'s only output becomes an initializer holding ``array``; the node goes."""
     output = node.outputs[0]
     constant = ir.Value(
         name=output.name,

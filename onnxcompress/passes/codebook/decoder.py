@@ -75,14 +75,7 @@ class DecoderBuilder:
 
     def insert_nodes(self) -> None:
         """Decoders read only initializers, so they go first in the graph (still sorted)."""
-        if not self.nodes:
-            return
-        graph = self.emitter.graph
-        first = next(iter(graph), None)
-        if first is None:
-            graph.extend(self.nodes)
-        else:
-            graph.insert_before(first, self.nodes)
+        self.emitter.prepend(self.nodes)
 
     def _indices(self, packed: PackedIndices, flat: bool) -> ir.Value:
         """int64 indices shaped ``[G, ..., 1]`` (``[G, count, 1]`` if padded or ``flat``)."""

@@ -243,9 +243,4 @@ class _Decoder:
 
     def insert(self) -> None:
         """Decoders read only initializers, so they go first in the graph (still sorted)."""
-        graph = self.emitter.graph
-        first = next(iter(graph), None)
-        if first is None:
-            graph.extend(self.nodes)
-        else:
-            graph.insert_before(first, self.nodes)
+        self.emitter.prepend(self.nodes)
