@@ -55,9 +55,11 @@ class TensorStats:
         if self.channels is not None and array.ndim > self.channels.axis:
             self.channels.add(array)
 
-    def add_histogram(self, array: np.ndarray) -> None:
+    def add_histogram(self, array: np.ndarray, batch: int | None = None) -> None:
         """Count ``array`` into the histogram over [-edge, edge], doubling the edge (and
-        merging bin pairs, exactly) whenever a batch reaches past it: one sweep suffices."""
+        merging bin pairs, exactly) whenever a batch reaches past it: one sweep suffices.
+        ``batch`` is the calibration batch it comes from (the holdout halves alternate by
+        batch, however capture splits one); by default each call is a batch of its own."""
         if not self.float32 or not self.finite or array.size == 0:
             return
         reach = float(max(-array.min(), array.max()))
@@ -75,7 +77,7 @@ class TensorStats:
         counts[BINS // 2] -= zeros
         self.hist += counts
         self.zeros += zeros
-        if self.batches % 2:
+        if (self.batches if batch is None else batch) % 2:
             self.odd += counts
             self.odd_zeros += zeros
         self.batches += 1
@@ -86,7 +88,7 @@ class TensorStats:
     def halves(self) -> tuple[TensorStats, TensorStats] | None:
         """The statistics of the even- and odd-numbered batches apart (the extremes are the
         whole set's), or None with fewer than two batches."""
-        if self.batches < 2 or self.hist is None or self.odd is None:
+        if self.batches < 2 or self.hist is None or self.odd is None or not self.odd.any():
             return None
         even = replace(self, hist=self.hist - self.odd, zeros=self.zeros - self.odd_zeros)
         return even, replace(self, hist=self.odd, zeros=self.odd_zeros)
@@ -123,7 +125,7 @@ def collect(
         for name, array in values.items():
             stats[name].add_extremes(array)
             if histograms:
-                stats[name].add_histogram(array)
+                stats[name].add_histogram(array, i)
         _tick(progress, "calibration", i + 1, len(feeds))
     missing = [n for n, s in stats.items() if s.lo > s.hi]
     if missing:
