@@ -13,7 +13,7 @@ from onnxcompress.calibration import Feed
 from onnxcompress.emit import Emitter
 from onnxcompress.errors import CannotRun
 from onnxcompress.graph import weight_axes
-from onnxcompress.stats import ChannelMean, SecondMoments, captured, output_shift
+from onnxcompress.stats import ChannelMean, SecondMoments, captured_parts, output_shift
 
 #: Gram matrices are kept for inputs up to this many features, and this many bytes in all.
 MAX_GRAM_FEATURES = 4096
@@ -65,7 +65,7 @@ def collect_stats(
         return {}, ["data_aware: no Conv/Gemm/MatMul weight with a single use to refine"]
     names = [layer.node.inputs[0].name for layer in layers.values()]
     try:
-        for activations in captured(model, names, feeds, _LABEL):
+        for _, activations in captured_parts(model, names, feeds, _LABEL):
             for layer in layers.values():
                 layer.add(activations[layer.node.inputs[0].name])
     except CannotRun as exc:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.calibration import Feed
-from onnxcompress.stats import ChannelMean, captured
+from onnxcompress.stats import ChannelMean, captured_parts
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +121,12 @@ def collect(
         for name in names
     }
     label = "model being calibrated"
-    for i, values in enumerate(captured(model, names, feeds, label)):
+    for i, values in captured_parts(model, names, feeds, label):
         for name, array in values.items():
             stats[name].add_extremes(array)
             if histograms:
-                stats[name].add_histogram(array, i)
+                # halves alternate by feed; one feed alone is split by capture's parts
+                stats[name].add_histogram(array, i if len(feeds) > 1 else None)
         _tick(progress, "calibration", i + 1, len(feeds))
     missing = [n for n, s in stats.items() if s.lo > s.hi]
     if missing:
