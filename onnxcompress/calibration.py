@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,12 +169,14 @@ def load_feeds(
     dims: Mapping[str, int] | None = None,
     batch_size: int = DEFAULT_BATCH,
     limit: int | None = None,
-) -> list[Feed]:
+) -> FileFeeds:
     """Read feeds from a .npz (keys = input names) or a folder of .npy files.
 
     In a folder, files named after the inputs (``/`` and ``:`` written as ``_``) hold all
     samples of that input; for a single-input model, every .npy file is a batch of it.
-    Arrays stack samples on axis 0 and are cut into batches the model accepts.
+    Arrays stack samples on axis 0 and are cut into batches the model accepts. Every batch is
+    read and checked here; the feeds then read each batch from its file again when asked
+    for it (see ``FileFeeds``).
     """
     path = Path(source)
     if not path.exists():
@@ -181,8 +184,53 @@ def load_feeds(
     specs = input_specs(model)
     arrays = _read_npz(path) if path.is_file() else _read_folder(path, specs)
     if isinstance(arrays, list):  # one-input folder: already a list of batches
-        return [_check_feed({specs[0].name: a}, specs, dims or {}) for a in arrays[:limit]]
-    return _batches(arrays, specs, dims or {}, batch_size, limit)
+        batches = [{specs[0].name: _Rows(array)} for array in arrays[:limit]]
+    else:
+        batches = _batches(arrays, specs, batch_size, limit)
+    feeds = FileFeeds(batches, specs, dims or {})
+    for _ in feeds:  # refuse bad data now, before any work
+        pass
+    return feeds
+
+
+#: Gives an input's array (memory-mapped from its file where it can be) when called.
+Source = Callable[[], np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Samples ``start:stop`` of the array ``source`` gives."""
+
+    source: Source
+    start: int | None = None
+    stop: int | None = None
+
+    def read(self) -> np.ndarray:
+        """A copy: the file's mapping closes once it is made."""
+        return np.array(self.source()[self.start : self.stop])
+
+
+class FileFeeds(Sequence[Feed]):
+    """Feeds read from their files each time one is asked for: an array's file is mapped only
+    while a batch is copied out, so memory holds the batches in use, never all the samples,
+    whatever their number (a mapping's pages would count as the process's memory for as long
+    as it stays open). A slice is FileFeeds too."""
+
+    def __init__(
+        self, batches: list[dict[str, _Rows]], specs: list[InputSpec], dims: Mapping[str, int]
+    ) -> None:
+        self._batches, self._specs, self._dims = batches, specs, dims
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return FileFeeds(self._batches[index], self._specs, self._dims)
+        rows = self._batches[index]
+        return _check_feed(
+            {name: part.read() for name, part in rows.items()}, self._specs, self._dims
+        )
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -199,7 +247,9 @@ def _reason(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz(path: Path) -> dict[str, Source]:
+    """A source per array of a .npz: arrays stored uncompressed (``np.savez``) are mapped
+    from the archive like a .npy; compressed ones are read into memory here, once."""
     if path.suffix == ".npy":
         raise BadData(f"{path}: a single .npy needs a folder; use a .npz keyed by input name")
     data = _load_npy(path)
@@ -207,55 +257,97 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise BadData(f"{path}: expected a .npz archive keyed by input name")
     with data:
         try:
-            return {key: data[key] for key in data.files}
+            return {key: _npz_source(path, data, key) for key in data.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
             raise BadData(f"{path}: an array cannot be read ({_reason(exc)})") from None
+
+
+def _npz_source(path: Path, data: np.lib.npyio.NpzFile, key: str) -> Source:
+    info = data.zip.getinfo(f"{key}.npy") if f"{key}.npy" in data.zip.namelist() else None
+    if info is None or info.compress_type != zipfile.ZIP_STORED:
+        array = data[key]
+        return lambda: array
+    offset = _stored_npy(path, info)
+    return lambda: _map_npy(path, offset)
+
+
+def _stored_npy(path: Path, info: zipfile.ZipInfo) -> int:
+    """Where the .npy stored uncompressed as ``info`` starts in the archive ``path``."""
+    with open(path, "rb") as stream:
+        stream.seek(info.header_offset)
+        local = stream.read(30)  # the member's local header: its name and extra field follow
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise ValueError(f"bad local header for {info.filename}")
+        name, extra = struct.unpack("<HH", local[26:30])
+        offset = info.header_offset + 30 + name + extra
+    _map_npy(path, offset)  # refuse a bad header now
+    return offset
+
+
+def _map_npy(path: Path, offset: int) -> np.ndarray:
+    """The .npy at ``offset`` in ``path``, memory-mapped; never a pickle."""
+    with open(path, "rb") as stream:
+        stream.seek(offset)
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        start = stream.tell()
+    if dtype.hasobject:
+        raise ValueError("the array holds Python objects (pickles are never loaded)")
+    if math.prod(shape) == 0:  # nothing to map (and mmap refuses a length of 0)
+        return np.empty(shape, dtype)
+    order = "F" if fortran else "C"
+    return np.memmap(path, dtype=dtype, mode="r", offset=start, shape=shape, order=order)
 
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[/\\:]", "_", name)
 
 
-def _read_folder(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray] | list[np.ndarray]:
+def _read_folder(path: Path, specs: list[InputSpec]) -> dict[str, Source] | list[Source]:
     files = sorted(f for f in path.glob("*.npy") if f.is_file())  # a FIFO would block
     if not files:
         raise BadData(f"{path}: no .npy files in the folder")
     by_name = {f.stem: f for f in files}
     if all(_safe_name(s.name) in by_name for s in specs):
-        return {s.name: _load_npy(by_name[_safe_name(s.name)]) for s in specs}
+        return {s.name: _npy_source(by_name[_safe_name(s.name)]) for s in specs}
     if len(specs) == 1:
-        return [_load_npy(f) for f in files]
+        return [_npy_source(f) for f in files]
     names = ", ".join(_safe_name(s.name) + ".npy" for s in specs)
     raise BadData(f"{path}: expected one file per input: {names}")
 
 
+def _npy_source(path: Path) -> Source:
+    _load_npy(path)  # refuse a bad header now
+    return lambda: _load_npy(path)
+
+
 def _batches(
-    arrays: Mapping[str, np.ndarray],
-    specs: list[InputSpec],
-    dims: Mapping[str, int],
-    batch_size: int,
-    limit: int | None,
-) -> list[Feed]:
-    missing = [s.name for s in specs if s.name not in arrays]
+    sources: Mapping[str, Source], specs: list[InputSpec], batch_size: int, limit: int | None
+) -> list[dict[str, _Rows]]:
+    missing = [s.name for s in specs if s.name not in sources]
     if missing:
         raise BadData(f"calibration data has no array for input(s) {', '.join(missing)}")
-    scalars = [s.name for s in specs if np.ndim(arrays[s.name]) == 0]
+    shapes = {s.name: np.shape(sources[s.name]()) for s in specs}
+    scalars = [name for name, shape in shapes.items() if not shape]
     if scalars:
         raise BadData(f"calibration data for {', '.join(scalars)} is a scalar, not samples")
-    counts = {len(arrays[s.name]) for s in specs}
+    counts = {shape[0] for shape in shapes.values()}
     if len(counts) != 1:
         raise BadData("calibration arrays hold different numbers of samples")
     total = counts.pop()
-    step = specs[0].dims[0] if specs[0].dims and isinstance(specs[0].dims[0], int) else batch_size
-    feeds = []
+    fixed = specs[0].dims and isinstance(specs[0].dims[0], int)
+    step = specs[0].dims[0] if fixed else batch_size
+    batches = []
     for start in range(0, total, step):
-        feed = {s.name: arrays[s.name][start : start + step] for s in specs}
-        if len(next(iter(feed.values()))) < step and isinstance(specs[0].dims[0], int):
+        if min(start + step, total) - start < step and fixed:
             break  # a fixed-batch model cannot take the short tail
-        feeds.append(_check_feed(feed, specs, dims))
-        if limit is not None and len(feeds) >= limit:
+        batches.append({s.name: _Rows(sources[s.name], start, start + step) for s in specs})
+        if limit is not None and len(batches) >= limit:
             break
-    return feeds
+    return batches
 
 
 def _check_feed(feed: Feed, specs: list[InputSpec], dims: Mapping[str, int]) -> Feed:

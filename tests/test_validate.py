@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -113,6 +115,29 @@ def test_npz_and_npy_folder_feeds_are_batched(tmp_path):
     for i in range(3):
         np.save(other / f"{i}.npy", data[:2])
     assert len(load_feeds(other, model)) == 3
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("kind", ["npy folder", "npz", "compressed npz"])
+def test_feeds_are_read_a_batch_at_a_time_and_keep_no_file_mapped(tmp_path, kind):
+    """Calibration data is read from its file when a batch is asked for, as an array of its
+    own: between uses nothing is held or left mapped (a mapping's pages count as the
+    process's memory for as long as it is open), whatever the number of samples."""
+    data = np.arange(400, dtype=np.float32).reshape(100, 4)
+    if kind == "npy folder":
+        source = tmp_path / "data"
+        source.mkdir()
+        file = source / "X.npy"
+        np.save(file, data)
+    else:
+        source = file = tmp_path / "data.npz"
+        (np.savez if kind == "npz" else np.savez_compressed)(file, X=data)
+    feeds = load_feeds(source, load(scale_model(1.0)), batch_size=8)
+    assert len(feeds) == 13 and str(file) not in Path("/proc/self/maps").read_text()
+    last = feeds[12]["X"]
+    assert last.flags.owndata and np.array_equal(last, data[96:])
+    assert str(file) not in Path("/proc/self/maps").read_text()
+    assert np.array_equal(np.concatenate([feed["X"] for feed in feeds[1:3]]), data[8:24])
 
 
 @pytest.mark.parametrize(

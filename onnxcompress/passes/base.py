@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -114,7 +114,7 @@ class PassContext:
 
     shapes: Shapes = field(default_factory=dict)
     dims: dict[str, int] = field(default_factory=dict)  # symbolic input sizes (--dim)
-    calibration: list[dict[str, np.ndarray]] | None = None
+    calibration: Sequence[dict[str, np.ndarray]] | None = None  # calibration.FileFeeds or a list
     synthetic_calibration: bool = False  # feeds are seeded noise, not the user's data
     teacher: Runner | None = None  # an onnxruntime session on the original model
     seed: int = 0
