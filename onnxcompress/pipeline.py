@@ -41,7 +41,8 @@ from onnxcompress.normalize import normalize
 from onnxcompress.passes.base import CompressionPass, PassContext
 from onnxcompress.recipe import Recipe
 from onnxcompress.report import CompressionReport, ModelStats
-from onnxcompress.validate import Runner, compare, gate_failures, observe_shapes
+from onnxcompress.runner import Runner, observe_shapes
+from onnxcompress.validate import compare, gate_failures
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ def run_recipe(
     reference = _reference_runner(model, options, notes)
     try:
         baseline = _checks_that_hold(model, reference is not None)
+        if reference is not None:  # its session opens again when a pass or validation runs it
+            reference.release()
         model = _upgrade_opset(model, passes, notes)
         report = CompressionReport(
             before=_stats(model, resolve_shapes(model, input_shapes), loaded.path),
@@ -156,7 +159,7 @@ def run_recipe(
     return model, report
 
 
-def _feeds(calibration, model: ir.Model, options: Options) -> list[Feed]:
+def _feeds(calibration, model: ir.Model, options: Options) -> Sequence[Feed]:
     if calibration is None:
         if not options.validate:
             return []

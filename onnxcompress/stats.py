@@ -6,7 +6,9 @@ reduces to a few running sums, kept a batch at a time so memory does not grow wi
 of samples:
 
 - ``captured`` / ``captured_pairs``: the values a pass asks for on each feed, from the model
-  being compressed (the *student*) and, for fitting, from the original (the *teacher*).
+  being compressed (the *student*) and, for fitting, from the original (the *teacher*);
+  ``captured_parts`` the same a few samples at a time, for statistics over many values (a
+  batch of every activation of a CNN would take a gigabyte).
 - ``layer_rows``: matching input and output rows of one layer, a seeded sample per batch.
 - ``SecondMoments``: Σ x̃x̃ᵀ, Σ x̃yᵀ and Σ|y|² with x̃ = [x, 1], from which least-squares fits
   and output errors follow without the samples.
@@ -24,21 +26,39 @@ import onnx_ir as ir
 
 from onnxcompress.calibration import Feed
 from onnxcompress.conv import ConvGeometry, channels_last, im2col, sample_rows
-from onnxcompress.validate import Runner
+from onnxcompress.runner import Runner
 
 
 def captured(
     model: ir.Model, names: Sequence[str], feeds: Sequence[Feed], label: str = "model"
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Per feed, the named values of ``model`` (one onnxruntime session for the sweep).
-    A name that is a graph input is taken from the feed itself."""
+    """Per feed, the named values of ``model``, whole (one onnxruntime session for the sweep).
+    A name that is a graph input is taken from the feed itself. For a few values per feed, as
+    fits that sample rows of a batch need; statistics over many values use ``captured_parts``."""
+    with _capture_runner(model, names, label) as runner:
+        for feed in feeds:
+            yield runner.capture(feed, names)
+
+
+def captured_parts(
+    model: ir.Model, names: Sequence[str], feeds: Sequence[Feed], label: str = "model"
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(feed index, the named values on a part of that feed), part by part: what ``captured``
+    gives, one sample at a time (``Runner.capture_parts``), so that no more than a sample's
+    values are held at once, however many are named. For statistics that fold each part as
+    it comes: a part's dict is emptied when the next is asked for, so that its arrays (the
+    memory the next run needs) go unless kept."""
+    with _capture_runner(model, names, label) as runner:
+        for index, feed in enumerate(feeds):
+            for values in runner.capture_parts(feed, names):
+                yield index, values
+                values.clear()
+
+
+def _capture_runner(model: ir.Model, names: Sequence[str], label: str) -> Runner:
     inputs = {value.name for value in model.graph.inputs}
     computed = [name for name in dict.fromkeys(names) if name not in inputs]
-    with Runner(model, label, extra_outputs=computed) as runner:
-        for feed in feeds:
-            values = runner.capture(feed, computed)
-            values.update((name, feed[name]) for name in names if name in inputs)
-            yield values
+    return Runner(model, label, extra_outputs=computed)
 
 
 def captured_pairs(

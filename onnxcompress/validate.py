@@ -2,166 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from onnxcompress.calibration import Feed
 from onnxcompress.errors import CannotRun
-from onnxcompress.model_io import external_folders, save, weight_bytes
-
-logger = logging.getLogger(__name__)
-
-#: Models whose weights exceed this go to onnxruntime through a temporary file, not bytes.
-_IN_MEMORY_LIMIT = 1 << 30
-#: Lets a model handed over as bytes find external data files in a folder.
-_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-
-
-class Runner:
-    """An onnxruntime session for a model (ir.Model, serialized bytes or a file), built once.
-
-    ``extra_outputs`` names intermediate values to expose as well: ``run`` still returns the
-    model's own outputs, ``capture`` returns the extras by name (activation capture for
-    calibration, data-aware passes and shape observation). ``with_outputs`` opens another
-    session on the same model with other extras, e.g. on the original model after passes
-    have changed the working copy. ``threads`` sets onnxruntime's intra-op threads (default:
-    its own choice, one per physical core).
-    """
-
-    def __init__(
-        self,
-        model: ir.Model | bytes | str | Path,
-        label: str = "model",
-        extra_outputs: Sequence[str] = (),
-        external_folder: str | None = None,
-        threads: int | None = None,
-    ) -> None:
-        self._tmp: Path | None = None
-        self._folder = external_folder  # where external data lives, for bytes sources
-        self._added: list[str] = []
-        self.threads = threads
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        # Idle worker threads would otherwise spin after each run, stealing the cores from the
-        # next session and skewing side-by-side timings (measure_latency).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            source = self._source(model, options, list(dict.fromkeys(extra_outputs)))
-            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises several unrelated types
-            self.close()
-            raise CannotRun(f"onnxruntime cannot run the {label}: {_first_line(exc)}") from None
-        names = [o.name for o in self.session.get_outputs()]
-        self.extra_outputs = [n for n in extra_outputs if n in names]
-        self.output_names = names[: len(names) - len(self._added)]
-        self.label = label
-
-    def _source(self, model, options: ort.SessionOptions, extra: list[str]) -> str | bytes:
-        if isinstance(model, ir.Model):
-            model = self._materialize(model)
-        self._origin: str | bytes = model if isinstance(model, bytes) else str(model)
-        if isinstance(model, bytes):
-            proto = onnx.load_from_string(model) if extra else None
-        else:
-            self._folder = self._folder or str(Path(model).resolve().parent)
-            proto = onnx.load(str(model), load_external_data=False) if extra else None
-        if self._folder:
-            options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, self._folder)
-        if proto is None:
-            return self._origin
-        return self._with_outputs(proto, extra).SerializeToString()
-
-    def _materialize(self, model: ir.Model) -> bytes | str:
-        """Bytes for a model that fits in memory, else a temporary file with external data."""
-        folders = external_folders(model)
-        if weight_bytes(model) <= _IN_MEMORY_LIMIT and len(folders) <= 1:
-            self._folder = folders.pop() if folders else None  # weights still in the input's file
-            return ir.to_proto(model).SerializeToString()
-        self._tmp = Path(tempfile.mkdtemp(prefix="onnxcompress-session-"))
-        path = self._tmp / "model.onnx"
-        save(model, path, external_data=True)
-        return str(path)
-
-    def _with_outputs(self, proto: onnx.ModelProto, extra: list[str]) -> onnx.ModelProto:
-        present = {o.name for o in proto.graph.output}
-        self._added = [n for n in extra if n not in present]
-        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in self._added)
-        return proto
-
-    def with_outputs(self, names: Sequence[str], label: str | None = None) -> Runner:
-        """Another session on this runner's model exposing ``names``; close it after use
-        (before this one, which owns any temporary file)."""
-        return Runner(self._origin, label or self.label, names, self._folder, self.threads)
-
-    def value_names(self) -> set[str]:
-        """Every value this runner's model computes or takes in (weights not loaded)."""
-        if isinstance(self._origin, bytes):
-            proto = onnx.load_from_string(self._origin)
-        else:
-            proto = onnx.load(self._origin, load_external_data=False)
-        names = {value.name for value in proto.graph.input}
-        names.update(name for node in proto.graph.node for name in node.output)
-        return names
-
-    def run(self, feed: Feed) -> list[np.ndarray]:
-        """The model's own outputs on ``feed``."""
-        return self._run(self.output_names, feed)
-
-    def capture(self, feed: Feed, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """The ``extra_outputs`` values (or only ``names`` of them) on ``feed``, by name."""
-        wanted = list(names) if names is not None else self.extra_outputs
-        return dict(zip(wanted, self._run(wanted, feed)))
-
-    def _run(self, names: list[str], feed: Feed) -> list[np.ndarray]:
-        try:
-            return self.session.run(names, feed)
-        except Exception as exc:
-            raise CannotRun(f"onnxruntime failed to run: {_first_line(exc)}") from None
-
-    def __enter__(self) -> Runner:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-
-def observe_shapes(model: ir.Model, feed: Feed, names: Iterable[str]) -> dict[str, tuple]:
-    """Shapes of the named activations as onnxruntime computes them on ``feed``.
-
-    The fallback where onnx's shape inference gives up (dynamic Reshape chains in exports).
-    """
-    try:
-        runner = Runner(model, "model", extra_outputs=[n for n in names if n])
-        try:
-            return {name: tuple(np.shape(a)) for name, a in runner.capture(feed).items()}
-        finally:
-            runner.close()
-    except CannotRun as exc:  # accounting only: never fatal
-        logger.debug("observing shapes failed: %s", exc)
-        return {}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line.replace("[ONNXRuntimeError] : ", "")[:300]
+from onnxcompress.runner import Runner, observe_shapes  # noqa: F401 (the sessions live there)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from onnxcompress.emit import Emitter
 from onnxcompress.graph import Shapes, node_label, weight_axes
 from onnxcompress.passes.prune.channel_graph import ChannelGraph
 from onnxcompress.passes.prune.repair import RefitResult, Target
-from onnxcompress.stats import ChannelMean, captured, output_shift
+from onnxcompress.stats import ChannelMean, captured_parts, output_shift
 
 
 class NoBiasFold(Exception):
@@ -109,7 +109,7 @@ def measured_means(
     is now (call it before the removal)."""
     values = {t.node.inputs[0].name: t.node.inputs[0] for t in targets}
     means = {name: ChannelMean(cg.maps[value].axis) for name, value in values.items()}
-    for found in captured(model, list(values), feeds, "model before pruning"):
+    for _, found in captured_parts(model, list(values), feeds, "model before pruning"):
         for name, array in found.items():
             means[name].add(array)
     return {name: mean.mean for name, mean in means.items()}

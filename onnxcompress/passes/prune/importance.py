@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from onnxcompress.calibration import Feed
 from onnxcompress.passes.prune.channel_graph import ChannelGraph
-from onnxcompress.stats import ChannelMean, captured
+from onnxcompress.stats import ChannelMean, captured_parts
 
 IMPORTANCE = ("l1", "l2", "bn", "activation")
 AGGREGATE = {"mean": np.mean, "sum": np.sum, "max": np.max}
@@ -59,7 +59,7 @@ def _activation_scores(cg: ChannelGraph, scores: np.ndarray, model: ir.Model, fe
     """Mean |activation| of each producer's output channels over the calibration data."""
     outputs = {s.output.name: s.output for s in cg.sources if s.output in cg.maps}
     means = {name: ChannelMean(cg.maps[value].axis) for name, value in outputs.items()}
-    for found in captured(model, list(outputs), feeds, "model being pruned"):
+    for _, found in captured_parts(model, list(outputs), feeds, "model being pruned"):
         for name, array in found.items():
             means[name].add(np.abs(array))
     for name, mean in means.items():

@@ -96,6 +96,8 @@ def refit(
     for wave in _waves(model.graph, pending):
         _collect(model, wave, teacher, feeds, max_rows, rng)
         results.extend(_solve_and_store(target, damping, emitter) for target in wave)
+        for target in wave:  # solved: its sums (a Gram matrix each) need not outlive the wave
+            target.moments = None
     return results
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.calibration import Feed
-from onnxcompress.stats import ChannelMean, captured
+from onnxcompress.stats import ChannelMean, captured_parts
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +85,12 @@ def collect(
     }
     sweeps = 2 if histograms else 1
     label = "model being calibrated"
-    for i, values in enumerate(captured(model, names, feeds, label)):
+    for i, values in captured_parts(model, names, feeds, label):
         for name, array in values.items():
             stats[name].add_extremes(array)
         _tick(progress, f"calibration 1/{sweeps}", i + 1, len(feeds))
     if histograms:
-        for i, values in enumerate(captured(model, names, feeds, label)):
+        for i, values in captured_parts(model, names, feeds, label):
             for name, array in values.items():
                 stats[name].add_histogram(array)
             _tick(progress, "calibration 2/2", i + 1, len(feeds))
