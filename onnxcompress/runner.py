@@ -15,6 +15,7 @@ import functools
 import logging
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -108,6 +109,8 @@ class Runner:
         reads them from there, sessions that expose more values add outputs to the small
         graph alone, and the process keeps no serialized copy of the weights."""
         self._tmp = Path(tempfile.mkdtemp(prefix="onnxcompress-session-"))
+        # removed by close, or when the runner is collected unclosed (or at exit)
+        self._remove_tmp = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
         path = self._tmp / "model.onnx"
         save(model, path, external_data=True)
         return str(path)
@@ -236,7 +239,7 @@ class Runner:
         """Let the session go for good, and any temporary file."""
         self._closed = True
         if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._remove_tmp()
             self._tmp = None
         self.release()
 
