@@ -15,6 +15,7 @@ import functools
 import logging
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -108,6 +109,8 @@ class Runner:
         reads them from there, sessions that expose more values add outputs to the small
         graph alone, and the process keeps no serialized copy of the weights."""
         self._tmp = Path(tempfile.mkdtemp(prefix="onnxcompress-session-"))
+        # removed by close, or when the runner is collected unclosed (or at exit)
+        self._remove_tmp = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
         path = self._tmp / "model.onnx"
         save(model, path, external_data=True)
         return str(path)
@@ -236,7 +239,7 @@ class Runner:
         """Let the session go for good, and any temporary file."""
         self._closed = True
         if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._remove_tmp()
             self._tmp = None
         self.release()
 
@@ -315,13 +318,43 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def _give_back_freed_memory() -> None:
-    """Return the C heap's free pages to the system. A session's weights, plans and buffers
-    go back to glibc when it ends, and glibc keeps most of them (served from its heap once it
-    has raised its threshold for fresh mappings): each session would leave the process larger
-    than it found it, and the pages a session freed are not the ones the next one wants."""
+    """Return what a session that went leaves behind to the system. The shared arena keeps
+    what the session's runs took (a run with the shrinkage option makes it let go of the
+    unused part: a one-element run serves). A session's weights, plans and buffers go back to
+    glibc, which keeps most of them (served from its heap once it has raised its threshold
+    for fresh mappings): each session would leave the process larger than it found it."""
+    shrinker = _arena_shrinker()
+    if shrinker is not None:
+        shrinker.run(None, {"x": np.zeros(1, np.float32)}, _shrink_options())
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+@functools.cache
+def _arena_shrinker() -> ort.InferenceSession | None:
+    """A session on ``y = Identity(x)`` that allocates from the shared arena."""
+    if not _shared_arena():
+        return None
+    tensor = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "shrink",
+        [tensor("x", onnx.TensorProto.FLOAT, [1])],
+        [tensor("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    options, _ = _options(None, shapes_only=False)
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+@functools.cache
+def _shrink_options() -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.add_run_config_entry(_SHRINK_ARENA, "cpu:0")
+    return options
 
 
 def _samples(feed: Feed) -> int | None:

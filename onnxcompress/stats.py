@@ -7,8 +7,8 @@ of samples:
 
 - ``captured`` / ``captured_pairs``: the values a pass asks for on each feed, from the model
   being compressed (the *student*) and, for fitting, from the original (the *teacher*);
-  ``captured_parts`` the same a few samples at a time, for statistics over many values (a
-  batch of every activation of a CNN would take a gigabyte).
+  ``captured_parts`` the same a sample at a time, for statistics over many values (a batch
+  of every activation of a CNN would take a gigabyte).
 - ``layer_rows``: matching input and output rows of one layer, a seeded sample per batch.
 - ``SecondMoments``: Σ x̃x̃ᵀ, Σ x̃yᵀ and Σ|y|² with x̃ = [x, 1], from which least-squares fits
   and output errors follow without the samples.

@@ -3,6 +3,9 @@ batch, shapes are read without the values, sessions let their memory go."""
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -149,6 +152,17 @@ def test_a_released_session_reopens_and_a_closed_one_refuses():
     runner.release()
     assert runner.session is None
     assert np.array_equal(runner.run(feed)[0], before) and runner.session is not None
+    folder = Path(runner._origin).parent  # the model's temporary file and its weights
     runner.close()
+    assert not folder.exists()
     with pytest.raises(CannotRun, match="closed"):
         runner.run(feed)
+
+
+def test_an_unclosed_runner_leaves_no_temporary_files():
+    runner = Runner(ir.from_proto(chain_model()))
+    folder = Path(runner._origin).parent
+    assert folder.exists()
+    del runner
+    gc.collect()
+    assert not folder.exists()

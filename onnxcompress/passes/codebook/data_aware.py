@@ -13,11 +13,13 @@ from onnxcompress.calibration import Feed
 from onnxcompress.emit import Emitter
 from onnxcompress.errors import CannotRun
 from onnxcompress.graph import weight_axes
-from onnxcompress.stats import ChannelMean, SecondMoments, captured_parts, output_shift
+from onnxcompress.stats import ChannelMean, SecondMoments, captured, captured_parts, output_shift
 
 #: Gram matrices are kept for inputs up to this many features, and this many bytes in all.
 MAX_GRAM_FEATURES = 4096
 GRAM_BUDGET_BYTES = 512 << 20
+#: Fully connected inputs are captured whole feeds at a time, this many bytes of them per feed.
+FEED_GROUP_BYTES = 64 << 20
 _LABEL = "model for calibration statistics"
 
 
@@ -34,7 +36,7 @@ class _Accumulator:
     """Running sums of one layer's input, a batch at a time."""
 
     def __init__(self, node: ir.Node, conv: bool, want_gram: bool) -> None:
-        self.node = node
+        self.node, self.input, self.conv = node, node.inputs[0].name, conv
         self.channels = ChannelMean(axis=1 if conv else -1)
         self.moments = SecondMoments(intercept=False) if want_gram else None
 
@@ -57,21 +59,61 @@ def collect_stats(
     model: ir.Model, weights: list[ir.Value], feeds: list[Feed], with_gram: bool
 ) -> tuple[dict[str, InputStats], list[str]]:
     """Input statistics of every layer whose weight is in ``weights``, over ``feeds``, by
-    weight name; and notes for the report."""
+    weight name; and notes for the report.
+
+    Conv inputs fold a sample at a time (``captured_parts``). Fully connected inputs fold a
+    whole feed at a time, as their Gram matrix always has (a least-squares refit would carry
+    the last bits of sums taken in another order into the codewords), in groups of at most
+    ``FEED_GROUP_BYTES`` of values per feed (sizes seen in the first sweep)."""
     if not feeds:
         return {}, ["data_aware: no calibration feeds, nothing refined"]
     layers = _accumulators(weights, with_gram)
     if not layers:
         return {}, ["data_aware: no Conv/Gemm/MatMul weight with a single use to refine"]
-    names = [layer.node.inputs[0].name for layer in layers.values()]
     try:
-        for _, activations in captured_parts(model, names, feeds, _LABEL):
-            for layer in layers.values():
-                layer.add(activations[layer.node.inputs[0].name])
+        sample_bytes = _fold_parts(model, list(layers.values()), feeds)
+        _fold_whole_feeds(model, [a for a in layers.values() if not a.conv], feeds, sample_bytes)
     except CannotRun as exc:
         return {}, [f"data_aware: statistics failed ({exc}); nothing refined"]
     stats = {name: layer.finish() for name, layer in layers.items()}
     return stats, [f"data_aware: statistics of {len(stats)} layer input(s) on {len(feeds)} feed(s)"]
+
+
+def _fold_parts(model: ir.Model, layers: list[_Accumulator], feeds) -> dict[str, int]:
+    """Fold the conv inputs a sample at a time; return the bytes a sample of each input takes."""
+    sample_bytes: dict[str, int] = {}
+    for _, activations in captured_parts(model, [a.input for a in layers], feeds, _LABEL):
+        for layer in layers:
+            value = activations[layer.input]
+            sample_bytes[layer.input] = value.nbytes // (len(value) if value.ndim else 1)
+            if layer.conv:
+                layer.add(value)
+    return sample_bytes
+
+
+def _fold_whole_feeds(model: ir.Model, layers: list[_Accumulator], feeds, sample_bytes) -> None:
+    first = next(iter(feeds[0].values()))
+    samples = len(first) if np.ndim(first) else 1
+    for group in _feed_groups(layers, sample_bytes, samples):
+        for activations in captured(model, [layer.input for layer in group], feeds, _LABEL):
+            for layer in group:
+                layer.add(activations[layer.input])
+
+
+def _feed_groups(
+    layers: list[_Accumulator], sample_bytes: dict[str, int], samples: int
+) -> list[list[_Accumulator]]:
+    """``layers`` in groups whose inputs take at most ``FEED_GROUP_BYTES`` per feed."""
+    groups: list[list[_Accumulator]] = []
+    room = 0
+    for layer in layers:
+        size = sample_bytes.get(layer.input, 0) * samples
+        if not groups or size > room:
+            groups.append([])
+            room = FEED_GROUP_BYTES
+        groups[-1].append(layer)
+        room -= size
+    return groups
 
 
 def _accumulators(weights: list[ir.Value], with_gram: bool) -> dict[str, _Accumulator]:
