@@ -18,7 +18,17 @@ from onnxcompress.passes.base import (
     check_fields,
     name_matches,
 )
-from onnxcompress.passes.codebook.data_aware import InputStats, collect_stats, correct_bias
+from onnxcompress.passes.codebook.allocate import (
+    Choice,
+    grouped_rows,
+    target_bytes,
+    ungrouped,
+)
+from onnxcompress.passes.codebook.data_aware import (
+    InputStats,
+    collect_stats,
+    correct_bias,
+)
 from onnxcompress.passes.codebook.decoder import DECODE_OPSET, DecoderBuilder
 from onnxcompress.passes.codebook.fit import (
     CodebookFit,
@@ -28,7 +38,8 @@ from onnxcompress.passes.codebook.fit import (
     fit_ternary,
 )
 from onnxcompress.passes.codebook.layout import ChannelLayout, channel_axis
-from onnxcompress.passes.codebook.refine import refine_product, refine_scalar
+from onnxcompress.passes.codebook.plan import Goal, plan_layers
+from onnxcompress.passes.codebook.refine import fit_with_feedback, refine_product
 
 SCHEMES = ("scalar", "pq", "binary", "ternary")
 FIXED_BITS = {"binary": 1, "ternary": 2}
@@ -48,8 +59,13 @@ class Codebook(CompressionPass):
         """scheme: scalar (k-means), pq (product quantization), binary (α·sign W), ternary."""
 
         scheme: str = "scalar"
-        bits: int | None = None  # index bits (k = 2^bits): scalar 4, pq 8; binary 1, ternary 2
-        granularity: str = "channel"  # one codebook per tensor, output channel, or group
+        # auto granularity: bits per weight on average, codebooks included (4: 8x smaller);
+        # otherwise index bits of every layer (k = 2^bits): scalar 4, pq 8; binary 1, ternary 2
+        bits: float | None = None
+        size: str | None = None  # auto: a file-size target instead, "8x" or "2.5MB"
+        # auto: per layer, by measured error per byte (tensor, sorted channel groups, channel
+        # or left float); tensor, channel, or group (group_size channels in stored order)
+        granularity: str = "auto"
         group_size: int | None = None  # output channels per codebook (granularity=group)
         subvector: int = 4  # pq: sub-vector length d
         init: str = "linear"  # scalar k-means seeds: linear over [min, max] or kmeans++
@@ -65,10 +81,10 @@ class Codebook(CompressionPass):
                 self,
                 {
                     "scheme": (lambda v: v in SCHEMES, f"one of {', '.join(SCHEMES)}"),
-                    "bits": (lambda v: 1 <= v <= 8, "an integer from 1 to 8"),
+                    "bits": (lambda v: 1 <= v <= 8, "from 1 to 8"),
                     "granularity": (
-                        lambda v: v in ("tensor", "channel", "group"),
-                        "tensor, channel or group",
+                        lambda v: v in ("auto", "tensor", "channel", "group"),
+                        "auto, tensor, channel or group",
                     ),
                     "group_size": (lambda v: v >= 1, "an integer >= 1"),
                     "subvector": (lambda v: v >= 1, "an integer >= 1"),
@@ -86,10 +102,24 @@ class Codebook(CompressionPass):
                 raise ValueError(f"bits={self.bits}: scheme {self.scheme} stores {fixed} bit(s)")
             if (self.granularity == "group") != (self.group_size is not None):
                 raise ValueError("group_size goes with granularity=group, and only with it")
+            if not self.allocated:
+                if self.bits is not None and not float(self.bits).is_integer():
+                    raise ValueError(f"bits={self.bits}: an average needs granularity=auto")
+                if self.size is not None:
+                    raise ValueError("size goes with granularity=auto (scheme scalar)")
+            elif self.size is not None:
+                target_bytes(self.size, 1)  # a malformed size fails here, before any work
+                if self.bits is not None:
+                    raise ValueError("give bits (an average) or size, not both")
+
+        @property
+        def allocated(self) -> bool:
+            """Bits and granularity chosen per layer against a budget."""
+            return self.granularity == "auto" and self.scheme == "scalar"
 
         @property
         def index_bits(self) -> int:
-            return self.bits or FIXED_BITS.get(self.scheme) or DEFAULT_BITS[self.scheme]
+            return int(self.bits or FIXED_BITS.get(self.scheme) or DEFAULT_BITS[self.scheme])
 
     @classmethod
     def applies(cls, node: ir.Node) -> bool:
@@ -113,10 +143,17 @@ class Codebook(CompressionPass):
         report = PassReport(self.name, self.config_dict())
         chosen = self._chosen(model, report)
         stats = self._stats(model, chosen, ctx, report)
+        plan = {}
+        if self.config.allocated:
+            goal = Goal(self.config.bits or DEFAULT_BITS["scalar"], self.config.size)
+            plan = plan_layers(model, chosen, stats, ctx, report, goal, self._codebook_dtype)
         builder = DecoderBuilder(model, self.name)
         for value in chosen:
+            choice = plan.get(value.name)
             try:
-                layer = self._rewrite(value, builder, stats.get(value.name), ctx.seed)
+                if choice is not None and choice.bits is None:
+                    raise Skip("left float: every codebook costs more error than its bytes save")
+                layer = self._rewrite(value, builder, stats.get(value.name), ctx.seed, choice)
             except Skip as skip:
                 layer = _skipped(value, str(skip))
             report.layers.append(layer)
@@ -157,32 +194,43 @@ class Codebook(CompressionPass):
     def _stats(
         self, model: ir.Model, chosen: list[ir.Value], ctx: PassContext, report: PassReport
     ) -> dict[str, InputStats]:
-        if not self.config.data_aware:
+        """Layer input statistics: for the data-aware fit, and for weighing choices by the
+        inputs' second moments (the user's data only: seeded noise says nothing of them)."""
+        cfg = self.config
+        weighing = cfg.allocated and not ctx.synthetic_calibration
+        if not (cfg.data_aware or weighing) or not chosen:
             return {}
-        gram = self.config.scheme in ("scalar", "pq")
+        gram = cfg.data_aware and cfg.scheme in ("scalar", "pq")
         stats, notes = collect_stats(model, chosen, ctx.calibration or [], with_gram=gram)
         report.notes.extend(notes)
         return stats
 
     def _rewrite(
-        self, value: ir.Value, builder: DecoderBuilder, stats: InputStats | None, seed: int
+        self,
+        value: ir.Value,
+        builder: DecoderBuilder,
+        stats: InputStats | None,
+        seed: int,
+        choice: Choice | None,
     ) -> LayerReport:
         """Fit, emit the decoder, move the weight's uses to it, correct the bias."""
         weight = weight_array(value)
         first_user = value.uses()[0].node
-        layout = self._layout(weight, channel_axis(value))
+        bits = choice.bits if choice is not None else self.config.index_bits
+        layout = self._layout(weight, channel_axis(value), choice)
         rows = layout.rows(weight.astype(np.float64))
-        fit, detail = self._fit(rows, layout, stats, seed)
-        approx = layout.weight(self._decoded_rows(fit, rows.shape)).astype(weight.dtype)
+        fit, order, detail = self._fit(rows, layout, stats, seed, choice)
+        approx = layout.weight(self._decoded_rows(fit, rows.shape, order)).astype(weight.dtype)
         decoded = builder.decoder(
             value,
             fit,
             layout,
-            self.config.index_bits,
+            bits,
             product=self.config.scheme == "pq",
             codebook_dtype=self._codebook_dtype(weight.dtype),
+            order=order,
         )
-        if stats is not None:
+        if stats is not None:  # the user's data (or data_aware): the mean shift goes
             detail.update(correct_bias(builder.emitter, value, weight, approx, stats))
         value.replace_all_uses_with(decoded)
         builder.emitter.graph.initializers.pop(value.name)
@@ -191,7 +239,7 @@ class Codebook(CompressionPass):
             weight=value.name,
             shape=list(weight.shape),
             codebooks=len(fit.codebook),
-            codebook_entries=int(fit.codebook[:, : 1 << self.config.index_bits].size),
+            codebook_entries=int(fit.codebook[:, : 1 << bits].size),
         )
         return LayerReport.rewritten(
             first_user,
@@ -202,10 +250,13 @@ class Codebook(CompressionPass):
             nbytes=(weight.nbytes, builder.stored_bytes),
         )
 
-    def _layout(self, weight: np.ndarray, axis: int | None) -> ChannelLayout:
+    def _layout(self, weight: np.ndarray, axis: int | None, choice: Choice | None) -> ChannelLayout:
         """Channel-first rows, or one row when per-channel codebooks would cost more bytes
-        than the indices they decode (a handful of weights per channel)."""
+        than the indices they decode (a handful of weights per channel) and nothing weighed
+        the choice."""
         cfg = self.config
+        if choice is not None:
+            return ChannelLayout(weight.shape, axis)
         if cfg.granularity == "tensor" or cfg.scheme == "pq" or axis is None:
             return ChannelLayout(weight.shape, None if cfg.scheme != "pq" else axis)
         codebooks = weight.shape[axis] // (cfg.group_size or 1)
@@ -216,24 +267,42 @@ class Codebook(CompressionPass):
         return ChannelLayout(weight.shape, axis)
 
     def _fit(
-        self, rows: np.ndarray, layout: ChannelLayout, stats: InputStats | None, seed: int
-    ) -> tuple[CodebookFit, dict]:
+        self,
+        rows: np.ndarray,
+        layout: ChannelLayout,
+        stats: InputStats | None,
+        seed: int,
+        choice: Choice | None,
+    ) -> tuple[CodebookFit, np.ndarray | None, dict]:
+        """The fit, the channel order its rows are in (None: as stored), the report detail."""
         cfg = self.config
-        scheme, k = cfg.scheme, 1 << cfg.index_bits
-        detail: dict = {"scheme": scheme, "bits": cfg.index_bits, "granularity": layout.granularity}
-        if scheme == "pq":
-            return self._fit_product(rows, layout, stats, detail, seed)
-        groups = self._grouped(rows)
-        if scheme == "binary":
-            return fit_binary(groups), detail
-        if scheme == "ternary":
-            return fit_ternary(groups), detail
-        fit = fit_scalar(groups, k, cfg.init, cfg.zero_share, np.random.default_rng(seed))
-        gram = stats.gram if stats is not None else None
-        if gram is not None and len(groups) == layout.channels and layout.fc_rows:
-            fit, before, after = refine_scalar(groups, fit, gram)
+        bits = choice.bits if choice is not None else cfg.index_bits
+        detail: dict = {"scheme": cfg.scheme, "bits": bits, "granularity": layout.granularity}
+        if cfg.scheme == "pq":
+            fit, detail = self._fit_product(rows, layout, stats, detail, seed)
+            return fit, None, detail
+        order = None
+        if choice is None:
+            groups = self._grouped(rows)
+        else:
+            groups, order = grouped_rows(rows, choice.groups)
+            detail.update(
+                granularity=choice.granularity,
+                layer_error=float(f"{choice.error:.4g}"),
+                predicted_output_error=float(f"{choice.output_error:.4g}"),
+            )
+        if cfg.scheme == "binary":
+            return fit_binary(groups), order, detail
+        if cfg.scheme == "ternary":
+            return fit_ternary(groups), order, detail
+        rng = np.random.default_rng(seed)
+        fit = fit_scalar(groups, 1 << bits, cfg.init, cfg.zero_share, rng)
+        halves = stats.halves if stats is not None else None
+        if halves is not None and layout.channels > 1 and len(halves[0]) == rows.shape[1]:
+            ordered = rows if order is None else rows[order]
+            fit, before, after = fit_with_feedback(ordered, fit, halves)
             detail["output_error"] = {"before": round(before, 6), "after": round(after, 6)}
-        return fit, detail
+        return fit, order, detail
 
     def _grouped(self, rows: np.ndarray) -> np.ndarray:
         """Rows [C, L] as one row per codebook: [1, C·L], [C, L] or [C/size, size·L]."""
@@ -268,11 +337,13 @@ class Codebook(CompressionPass):
             detail["output_error"] = {"before": round(before, 6), "after": round(after, 6)}
         return fit, detail
 
-    def _decoded_rows(self, fit: CodebookFit, shape: tuple[int, ...]) -> np.ndarray:
+    def _decoded_rows(
+        self, fit: CodebookFit, shape: tuple[int, int], order: np.ndarray | None
+    ) -> np.ndarray:
         """The approximated rows [C, L], as the decoder graph will compute them."""
         if self.config.scheme == "pq":
             return fit.product_rows()
-        return fit.decode().reshape(shape)
+        return ungrouped(fit.decode(), order, shape)
 
     def _codebook_dtype(self, weight_dtype: np.dtype) -> np.dtype:
         choice = self.config.codebook_dtype

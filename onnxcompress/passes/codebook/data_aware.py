@@ -18,6 +18,8 @@ from onnxcompress.stats import ChannelMean, SecondMoments, captured, captured_pa
 #: Gram matrices are kept for inputs up to this many features, and this many bytes in all.
 MAX_GRAM_FEATURES = 4096
 GRAM_BUDGET_BYTES = 512 << 20
+#: A pointwise conv's Gram matrix takes at most this many pixels of each sample.
+GRAM_ROWS = 1024
 #: Fully connected inputs are captured whole feeds at a time, this many bytes of them per feed.
 FEED_GROUP_BYTES = 64 << 20
 _LABEL = "model for calibration statistics"
@@ -30,6 +32,10 @@ class InputStats:
     node: ir.Node  # the Conv/Gemm/MatMul that reads the weight
     mean: np.ndarray  # E[x] per input channel (Conv) or feature (Gemm/MatMul)
     gram: np.ndarray | None  # E[x xᵀ] over the input features (fully connected layers)
+    power: np.ndarray | None = None  # E[x²] per input channel or feature
+    #: E[x xᵀ] of alternate batches, shrunk toward its diagonal as far as its rows are few
+    #: against the features: a fit on one half is checked on the other
+    halves: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class _Accumulator:
@@ -37,22 +43,47 @@ class _Accumulator:
 
     def __init__(self, node: ir.Node, conv: bool, want_gram: bool) -> None:
         self.node, self.input, self.conv = node, node.inputs[0].name, conv
+        self.rng = np.random.default_rng(0)
         self.channels = ChannelMean(axis=1 if conv else -1)
+        self.squares = ChannelMean(axis=1 if conv else -1)
         self.moments = SecondMoments(intercept=False) if want_gram else None
+        self.halves = (SecondMoments(intercept=False), SecondMoments(intercept=False))
+        self.turn = 0
 
     def add(self, activation: np.ndarray) -> None:
         self.channels.add(activation)
+        self.squares.add(np.square(activation, dtype=np.float64))
         if self.moments is not None:
-            self.moments.add(activation.reshape(-1, activation.shape[-1]))
+            features = np.moveaxis(activation, 1, -1) if self.conv else activation
+            rows = features.reshape(-1, features.shape[-1])
+            if self.conv and len(rows) > GRAM_ROWS:  # pixels of one image are much alike
+                rows = rows[self.rng.choice(len(rows), GRAM_ROWS, replace=False)]
+            self.moments.add(rows)
+            if self.conv:  # a sample at a time: the halves alternate by sample
+                self.halves[self.turn].add(rows)
+                self.turn = 1 - self.turn
+            else:  # a feed at a time: by row
+                self.halves[0].add(rows[0::2])
+                self.halves[1].add(rows[1::2])
 
     def finish(self) -> InputStats:
         mean = self.channels.mean
         if mean is None:
             raise RuntimeError(f"internal: no calibration batch reached {self.node.name}")
-        gram = None
+        gram = halves = None
         if self.moments is not None:
             gram = self.moments.xx / max(self.moments.count, 1)
-        return InputStats(self.node, mean, gram)
+            if all(half.count for half in self.halves):
+                halves = tuple(_shrunk(half) for half in self.halves)
+        return InputStats(self.node, mean, gram, self.squares.mean, halves)
+
+
+def _shrunk(moments: SecondMoments) -> np.ndarray:
+    """E[x xᵀ] pulled toward its diagonal by d / (n + d) for n rows of d features: a Gram
+    matrix of fewer rows than features is singular, and a fit to it would chase noise."""
+    gram = moments.xx / moments.count
+    share = len(gram) / (moments.count + len(gram))
+    return (1 - share) * gram + share * np.diag(np.diag(gram))
 
 
 def collect_stats(
@@ -127,7 +158,7 @@ def _accumulators(weights: list[ir.Value], with_gram: bool) -> dict[str, _Accumu
             continue
         conv = node.op_type == "Conv"
         features = value.const_value.shape[weight_axes(node).reduced]
-        want = with_gram and not conv and features <= MAX_GRAM_FEATURES
+        want = with_gram and (not conv or is_pointwise(node)) and features <= MAX_GRAM_FEATURES
         want = want and budget >= 8 * features * features
         budget -= 8 * features * features if want else 0
         layers[value.name] = _Accumulator(node, conv, want)
@@ -166,3 +197,37 @@ def correct_bias(
     if problem is not None:
         return {"bias_correction": problem}
     return {"bias_correction": float(np.abs(shift).max(initial=0.0))}
+
+
+def input_power(stats: InputStats | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """E[x²] of the input each weight of a ``shape`` weight multiplies, in that shape (None
+    without statistics or for a layout this does not understand)."""
+    if stats is None or stats.power is None:
+        return None
+    node, power = stats.node, stats.power
+    if node.op_type == "Conv":
+        groups = node.attributes.get_int("group", 1)
+        out_channels, per_group = shape[0], shape[1]
+        if power.size != groups * per_group or out_channels % groups:
+            return None
+        group_of = np.arange(out_channels) // (out_channels // groups)
+        channel = group_of[:, None] * per_group + np.arange(per_group)[None, :]
+        taps = [1] * (len(shape) - 2)
+        return np.broadcast_to(power[channel].reshape(*channel.shape, *taps), shape)
+    axis = weight_axes(node, 1, len(shape)).reduced
+    if len(shape) != 2 or axis is None or power.size != shape[axis]:
+        return None
+    return np.broadcast_to(np.expand_dims(power, 1 - axis), shape)
+
+
+def is_pointwise(node: ir.Node) -> bool:
+    """A 1×1 Conv over all input channels at stride 1: a fully connected layer applied at
+    every pixel (its weight rows see the input channels as features)."""
+    if node.op_type != "Conv" or node.attributes.get_int("group", 1) != 1:
+        return False
+    weight = node.inputs[1].const_value if len(node.inputs) > 1 else None
+    if weight is None or any(size != 1 for size in weight.shape[2:]):
+        return False
+    strides = node.attributes.get_ints("strides", [1])
+    pads = node.attributes.get_ints("pads", [0])
+    return all(s == 1 for s in strides) and not any(pads)

@@ -54,11 +54,13 @@ class DecoderBuilder:
         *,
         product: bool,
         codebook_dtype: np.dtype,
+        order: np.ndarray | None = None,
     ) -> ir.Value:
         """The decoded replacement for ``weight`` (whose uses the caller moves to it).
 
         ``product``: the rows of ``fit`` are subspaces (product quantization), transposed
-        back to channels after the gather."""
+        back to channels after the gather. ``order``: the rows hold the channels in this
+        order (channels of similar range sharing a codebook), put back by a Gather."""
         self._base, self.stored_bytes, self.detail = weight.name, 0, {}
         packed = PackedIndices.of(fit.indices, bits, self.opset)
         indices = self._indices(packed, flat=product)
@@ -66,6 +68,8 @@ class DecoderBuilder:
         gathered = self._op("GatherND", [table, indices], batch_dims=1)  # [G, count, d]
         if product:
             gathered = self._op("Transpose", [gathered], perm=[1, 0, 2])
+        if order is not None:
+            gathered = self._reordered(gathered, order, layout.channels)
         decoded = self._reshaped(gathered, layout)
         if np.dtype(codebook_dtype) != weight.const_value.dtype.numpy():
             decoded = self._op("Cast", [decoded], to=weight.const_value.dtype)
@@ -100,12 +104,27 @@ class DecoderBuilder:
         modulus = self._shared_constant("modulus", np.uint8(field_modulus(bits, layout)))
         shifted = self._op("BitShift", [stored, shifts], direction="RIGHT")
         fields = self._op("Mod", [shifted, modulus])
-        unpacked = self._op("Cast", [fields], to=ir.DataType.INT64)
         if layout != "planes":
-            return unpacked
-        weighted = self._op("Mul", [unpacked, self._shared_constant("powers", plane_powers(bits))])
+            return self._op("Cast", [fields], to=ir.DataType.INT64)
+        # Planes are weighed and summed in int32 (ReduceSum takes no uint8), then cast once:
+        # onnxruntime keeps every folded value until the session starts, and int64 planes
+        # took 16 bytes a weight per bit.
+        powers = self._shared_constant("powers", plane_powers(bits).astype(np.int32))
+        planes = self._op("Cast", [fields], to=ir.DataType.INT32)
+        weighted = self._op("Mul", [planes, powers])
         axis = self._shared_constant("axis0", np.array([0], np.int64))
-        return self._op("ReduceSum", [weighted, axis], keepdims=0)
+        summed = self._op("ReduceSum", [weighted, axis], keepdims=0)
+        return self._op("Cast", [summed], to=ir.DataType.INT64)
+
+    def _reordered(self, gathered: ir.Value, order: np.ndarray, channels: int) -> ir.Value:
+        """Channel rows ``[C, L]`` back in stored order: row c is row ``position[c]``."""
+        position = np.empty(channels, np.uint8 if channels <= 256 else np.uint16)
+        position[order] = np.arange(channels)
+        shape = self._constant("rows", np.array([channels, -1], np.int64))
+        rows = self._op("Reshape", [gathered, shape])
+        stored = self._stored("order", position)
+        index = self._op("Cast", [stored], to=ir.DataType.INT64)
+        return self._op("Gather", [rows, index], axis=0)
 
     def _reshaped(self, gathered: ir.Value, layout: ChannelLayout) -> ir.Value:
         """The gathered rows back in the weight's shape and axis order."""

@@ -89,6 +89,79 @@ def _ridge(gram: np.ndarray) -> float:
 def _output_error(weight: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
     """Relative output error sqrt(Σ eᵀGe / Σ wᵀGw) over rows."""
     diff = weight - approx
-    num = float(np.einsum("ij,jk,ik->", diff, gram, diff))
-    den = float(np.einsum("ij,jk,ik->", weight, gram, weight))
+    num = float(((diff @ gram) * diff).sum())
+    den = float(((weight @ gram) * weight).sum())
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+
+#: The codewords are solved for (C·L² work) when C·L² is at most this.
+SOLVE_BUDGET = 20_000_000
+
+
+def fit_with_feedback(
+    rows: np.ndarray, fit: CodebookFit, halves: tuple[np.ndarray, np.ndarray], rounds: int = 2
+) -> tuple[CodebookFit, float, float]:
+    """A scalar fit of ``rows`` ``[C, L]`` (fully connected or pointwise: L input features,
+    ``fit`` with G codebooks, each shared by C/G consecutive rows) brought to the layer's
+    output error: indices chosen with error feedback (``assign_with_feedback``), then the
+    codewords solved in closed form for those indices, ``rounds`` times, on the first half
+    of the calibration Gram matrices; kept only if the output error on the other half falls.
+    Returns the fit and the held-out relative output error before and after."""
+    fitting, checking = halves
+    channels, groups = len(rows), len(fit.codebook)
+    owner = np.arange(channels) // (channels // groups)  # the codebook of each row
+    before = _output_error(rows, fit.decode().reshape(rows.shape), checking)
+    best, best_error = fit, before
+    codebook = fit.codebook[:, :, 0]
+    solve = rows.size * rows.shape[1] <= SOLVE_BUDGET
+    for _ in range(rounds if solve else 1):
+        indices = assign_with_feedback(rows, codebook[owner], fitting)
+        if solve:
+            codebook = solve_codewords(rows, indices, owner, codebook, fitting)
+        candidate = CodebookFit(codebook[:, :, None].copy(), indices.reshape(groups, -1))
+        error = _output_error(rows, candidate.decode().reshape(rows.shape), checking)
+        if error < best_error:
+            best, best_error = candidate, error
+    return best, before, best_error
+
+
+def assign_with_feedback(rows: np.ndarray, codebooks: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Indices ``[C, L]`` of each row's weights into its row of ``codebooks`` ``[C, K]``,
+    input feature after input feature; each rounding error is carried onto the features not
+    yet rounded so as to cancel it at the layer's output (GPTQ's update: the rows of the
+    upper Cholesky factor of the inverse Gram matrix)."""
+    length = rows.shape[1]
+    damped = gram + (0.01 * float(np.mean(np.diag(gram))) + 1e-12) * np.eye(length)
+    factor = np.linalg.cholesky(np.linalg.inv(damped)).T  # upper: inverse = factorᵀ·factor
+    work = rows.astype(np.float64).copy()
+    indices = np.empty(rows.shape, np.uint8)
+    for i in range(length):
+        column = work[:, i]
+        nearest = np.abs(column[:, None] - codebooks).argmin(axis=1)
+        indices[:, i] = nearest
+        error = (column - codebooks[np.arange(len(codebooks)), nearest]) / factor[i, i]
+        work[:, i + 1 :] -= error[:, None] * factor[i, i + 1 :][None, :]
+    return indices
+
+
+def solve_codewords(
+    rows: np.ndarray, indices: np.ndarray, owner: np.ndarray, codebook: np.ndarray, gram
+) -> np.ndarray:
+    """Codewords ``[G, K]`` minimizing Σ eᵀ G e over the rows for fixed ``indices``: per
+    codebook, (Σ Aᵀ G A) c = Σ Aᵀ G w over the rows that share it. Unused codewords stay."""
+    groups, k = codebook.shape
+    systems = np.zeros((groups, k, k))
+    targets = np.zeros((groups, k))
+    pulled = rows @ gram  # (G w)ᵀ of every row
+    for row, labels in enumerate(indices):
+        used, system = _cluster_gram(gram, labels.astype(np.int64))
+        systems[owner[row]][np.ix_(used, used)] += system
+        targets[owner[row]] += np.bincount(labels, weights=pulled[row], minlength=k)
+    solved = codebook.astype(np.float64).copy()
+    ridge = _ridge(gram)
+    for g in range(groups):
+        used = np.flatnonzero(np.diag(systems[g]) > 0)
+        if len(used):
+            block = systems[g][np.ix_(used, used)] + ridge * np.eye(len(used))
+            solved[g, used] = np.linalg.solve(block, targets[g, used])
+    return solved

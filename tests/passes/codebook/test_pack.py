@@ -64,7 +64,7 @@ def test_decoder_graph_unpacks_like_numpy_for_every_bits(bits):
 def test_native_uint4_storage_at_opset_21():
     w = np.random.default_rng(1).standard_normal((128, 32))
     proto = matmul_model(w, opset=21)
-    result, report = compress(proto, ["codebook:bits=4"], options=NO_VALIDATE)
+    result, report = compress(proto, ["codebook:bits=4,granularity=channel"], options=NO_VALIDATE)
     layer = report.passes[0].layers[0]
     assert layer.detail["layout"] == "uint4"
     model = ir.from_proto(result)
