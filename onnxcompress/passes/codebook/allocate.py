@@ -79,13 +79,18 @@ def measure_choices(
     ``importance`` (broadcastable to ``rows``) is E[x²] of the input each weight multiplies."""
     channels = len(rows)
     choices = [] if float_bytes is None else [Choice(None, 0, float_bytes, 0.0)]
+    full = None if importance is None else np.broadcast_to(importance, rows.shape)
+    energy = float(np.sum(rows * rows * (1.0 if full is None else full))) or 1.0
     for groups in group_counts(channels):
         grouped, order = grouped_rows(rows, groups)
+        weights = None if full is None else grouped_rows(full, groups, order)[0]
         quantizer = RowQuantizer(grouped)  # weighting the fit by E[x²] measured worse
         for b in bits:
-            approx = ungrouped(quantizer.quantized(1 << b), order, rows.shape)
-            error = weighted_error(rows, approx, importance)
-            choices.append(Choice(b, groups, stored_bytes(rows.shape, groups, b, itemsize), error))
+            nbytes = stored_bytes(rows.shape, groups, b, itemsize)
+            if float_bytes is not None and nbytes >= float_bytes:
+                break  # float is exact for fewer bytes (and wider codebooks cost more)
+            error = quantizer.squared_error(1 << b, weights) / energy
+            choices.append(Choice(b, groups, nbytes, error))
     return LayerChoices(name, rows.size, channels, choices)
 
 
@@ -120,10 +125,13 @@ def channel_order(rows: np.ndarray, groups: int) -> np.ndarray | None:
     return np.argsort(np.abs(rows).max(axis=1), kind="stable")
 
 
-def grouped_rows(rows: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray | None]:
+def grouped_rows(
+    rows: np.ndarray, groups: int, order: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """``rows`` ``[C, L]`` as one row per codebook, ``[groups, C·L / groups]``, and the
-    channel order used (None when the channels keep their stored order)."""
-    order = channel_order(rows, groups)
+    channel order used (None when the channels keep their stored order); ``order`` given:
+    laid out in that order (to lay out a companion of the weight the same way)."""
+    order = channel_order(rows, groups) if order is None else order
     ordered = rows if order is None else rows[order]
     return ordered.reshape(groups, -1), order
 

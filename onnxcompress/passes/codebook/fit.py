@@ -224,6 +224,40 @@ class RowQuantizer:
         self.prefix = np.concatenate((np.zeros((groups, 1)), np.cumsum(ordered, axis=1)), 1)
         self.first = (np.arange(groups) * length)[:, None]
         self.rows = rows
+        self._ordered = ordered
+        self._moments: tuple[np.ndarray, ...] | None = None
+        self._weighted = False
+
+    def squared_error(self, k: int, weights: np.ndarray | None = None) -> float:
+        """Σ w·(x − c)² over every value x and its centroid c at ``k`` (w: ``weights``
+        broadcastable to the rows, 1 without), from per-cluster sums: no array the size of
+        the rows is made, so every width of a large weight is weighed in a few milliseconds."""
+        if k >= self.shape[1]:
+            return 0.0
+        if self._moments is None or self._weighted is not (weights is not None):
+            self._moments = self._weighted_prefixes(weights)
+            self._weighted = weights is not None
+        mass, first, second = self._moments
+        centroids, _ = self.fit(k, labels=False)
+        starts, ends = self._intervals(centroids)
+
+        def within(prefix: np.ndarray) -> np.ndarray:
+            return np.take_along_axis(prefix, ends, 1) - np.take_along_axis(prefix, starts, 1)
+
+        error = within(second) - 2 * centroids * within(first) + centroids**2 * within(mass)
+        return float(max(error.sum(), 0.0))
+
+    def _weighted_prefixes(self, weights: np.ndarray | None) -> tuple[np.ndarray, ...]:
+        """Running sums of w, w·x and w·x² over each row's sorted values."""
+        ordered = self._ordered
+        mass = np.ones(self.shape)
+        if weights is not None:
+            mass = np.take_along_axis(np.broadcast_to(weights, self.shape), self.order, 1)
+        zero = np.zeros((self.shape[0], 1))
+        return tuple(
+            np.concatenate((zero, np.cumsum(values, axis=1)), 1)
+            for values in (mass, mass * ordered, mass * ordered * ordered)
+        )
 
     def quantized(self, k: int) -> np.ndarray:
         """The rows with each value replaced by its centroid."""
@@ -234,8 +268,9 @@ class RowQuantizer:
         np.put_along_axis(approx, self.order, np.take_along_axis(centroids, labels, 1), 1)
         return approx
 
-    def fit(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Centroids ``[G, k]`` (ascending) and the label of every sorted value ``[G, M]``."""
+    def fit(self, k: int, labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Centroids ``[G, k]`` (ascending) and the label of every sorted value ``[G, M]``
+        (None when not asked for)."""
         length = self.shape[1]
         centroids = self.low + (self.high - self.low) * np.linspace(0.0, 1.0, k)
         for _ in range(self.ITERATIONS):
@@ -245,9 +280,13 @@ class RowQuantizer:
             sums -= np.take_along_axis(self.prefix, starts, 1)
             moved = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
             moved.sort(axis=1)
-            if np.array_equal(moved, centroids):
-                break
+            # settled: no centroid moves by a thousandth of its row's span
+            settled = bool(np.all(np.abs(moved - centroids) <= 1e-3 * self.span))
             centroids = moved
+            if settled:
+                break
+        if not labels:
+            return centroids, None
         starts, _ = self._intervals(centroids)
         return centroids, _labels(starts, length)
 
