@@ -44,6 +44,8 @@ from onnxcompress.passes.codebook.refine import fit_with_feedback, refine_produc
 SCHEMES = ("scalar", "pq", "binary", "ternary")
 FIXED_BITS = {"binary": 1, "ternary": 2}
 DEFAULT_BITS = {"scalar": 4, "pq": 8}
+#: data_aware: indices chosen with error feedback up to this width.
+FEEDBACK_MAX_BITS = 5
 MIN_SIZE = 1024  # default: smaller weights are left alone (biases are vectors anyway)
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 _CODEBOOK_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -298,7 +300,13 @@ class Codebook(CompressionPass):
         rng = np.random.default_rng(seed)
         fit = fit_scalar(groups, 1 << bits, cfg.init, cfg.zero_share, rng)
         halves = stats.halves if stats is not None else None
-        if halves is not None and layout.channels > 1 and len(halves[0]) == rows.shape[1]:
+        # past 5 bits the rounding error is small and 64+ codewords a row cost the most
+        if (
+            halves is not None
+            and bits <= FEEDBACK_MAX_BITS
+            and layout.channels > 1
+            and len(halves[0]) == rows.shape[1]
+        ):
             ordered = rows if order is None else rows[order]
             fit, before, after = fit_with_feedback(ordered, fit, halves)
             detail["output_error"] = {"before": round(before, 6), "after": round(after, 6)}

@@ -17,7 +17,7 @@ from onnxcompress.stats import ChannelMean, SecondMoments, captured, captured_pa
 
 #: Gram matrices are kept for inputs up to this many features, and this many bytes in all.
 MAX_GRAM_FEATURES = 4096
-GRAM_BUDGET_BYTES = 512 << 20
+GRAM_BUDGET_BYTES = 256 << 20  # counted as two float64 sums while they are gathered
 #: A pointwise conv's Gram matrix takes at most this many pixels of each sample.
 GRAM_ROWS = 1024
 #: Fully connected inputs are captured whole feeds at a time, this many bytes of them per feed.
@@ -46,19 +46,19 @@ class _Accumulator:
         self.rng = np.random.default_rng(0)
         self.channels = ChannelMean(axis=1 if conv else -1)
         self.squares = ChannelMean(axis=1 if conv else -1)
-        self.moments = SecondMoments(intercept=False) if want_gram else None
-        self.halves = (SecondMoments(intercept=False), SecondMoments(intercept=False))
+        self.halves = None  # Σ x xᵀ of alternate samples (or rows), kept apart
+        if want_gram:
+            self.halves = (SecondMoments(intercept=False), SecondMoments(intercept=False))
         self.turn = 0
 
     def add(self, activation: np.ndarray) -> None:
         self.channels.add(activation)
         self.squares.add(np.square(activation, dtype=np.float64))
-        if self.moments is not None:
+        if self.halves is not None:
             features = np.moveaxis(activation, 1, -1) if self.conv else activation
             rows = features.reshape(-1, features.shape[-1])
             if self.conv and len(rows) > GRAM_ROWS:  # pixels of one image are much alike
                 rows = rows[self.rng.choice(len(rows), GRAM_ROWS, replace=False)]
-            self.moments.add(rows)
             if self.conv:  # a sample at a time: the halves alternate by sample
                 self.halves[self.turn].add(rows)
                 self.turn = 1 - self.turn
@@ -71,10 +71,13 @@ class _Accumulator:
         if mean is None:
             raise RuntimeError(f"internal: no calibration batch reached {self.node.name}")
         gram = halves = None
-        if self.moments is not None:
-            gram = self.moments.xx / max(self.moments.count, 1)
-            if all(half.count for half in self.halves):
-                halves = tuple(_shrunk(half) for half in self.halves)
+        if self.halves is not None:
+            filled = [half for half in self.halves if half.count]
+            total = sum(half.xx for half in filled)
+            gram = (total / sum(half.count for half in filled)).astype(np.float32)
+            if len(filled) == 2:
+                halves = tuple(_shrunk(half).astype(np.float32) for half in self.halves)
+            self.halves = None
         return InputStats(self.node, mean, gram, self.squares.mean, halves)
 
 
@@ -159,8 +162,8 @@ def _accumulators(weights: list[ir.Value], with_gram: bool) -> dict[str, _Accumu
         conv = node.op_type == "Conv"
         features = value.const_value.shape[weight_axes(node).reduced]
         want = with_gram and (not conv or is_pointwise(node)) and features <= MAX_GRAM_FEATURES
-        want = want and budget >= 8 * features * features
-        budget -= 8 * features * features if want else 0
+        want = want and budget >= 16 * features * features
+        budget -= 16 * features * features if want else 0
         layers[value.name] = _Accumulator(node, conv, want)
     return layers
 

@@ -22,7 +22,7 @@ from onnxcompress.calibration import Feed
 from onnxcompress.runner import Runner
 
 #: Samples the probes run on (the first calibration feeds that hold this many).
-PROBE_SAMPLES = 8
+PROBE_SAMPLES = 4
 PROBE_BITS = 3
 
 #: A weight's probe: the values to feed in place of initializers (the approximated weight,
