@@ -17,7 +17,7 @@ from onnxcompress.stats import ChannelMean, SecondMoments, captured, captured_pa
 
 #: Gram matrices are kept for inputs up to this many features, and this many bytes in all.
 MAX_GRAM_FEATURES = 4096
-GRAM_BUDGET_BYTES = 256 << 20  # counted as two float64 sums while they are gathered
+GRAM_BUDGET_BYTES = 128 << 20  # counted as two float64 sums while they are gathered
 #: A pointwise conv's Gram matrix takes at most this many pixels of each sample.
 GRAM_ROWS = 1024
 #: Fully connected inputs are captured whole feeds at a time, this many bytes of them per feed.
