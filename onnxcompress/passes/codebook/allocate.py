@@ -89,6 +89,8 @@ def measure_choices(
             nbytes = stored_bytes(rows.shape, groups, b, itemsize)
             if float_bytes is not None and nbytes >= float_bytes:
                 break  # float is exact for fewer bytes (and wider codebooks cost more)
+            if groups > 1 and 2 * groups * (1 << b) * itemsize > nbytes:
+                break  # codebooks outweigh indices: fewer codebooks do better (and cost less)
             error = quantizer.squared_error(1 << b, weights) / energy
             choices.append(Choice(b, groups, nbytes, error))
     return LayerChoices(name, rows.size, channels, choices)

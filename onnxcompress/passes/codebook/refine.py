@@ -99,13 +99,14 @@ SOLVE_BUDGET = 20_000_000
 
 
 def fit_with_feedback(
-    rows: np.ndarray, fit: CodebookFit, halves: tuple[np.ndarray, np.ndarray], rounds: int = 2
+    rows: np.ndarray, fit: CodebookFit, halves: tuple[np.ndarray, np.ndarray], rounds: int = 1
 ) -> tuple[CodebookFit, float, float]:
     """A scalar fit of ``rows`` ``[C, L]`` (fully connected or pointwise: L input features,
     ``fit`` with G codebooks, each shared by C/G consecutive rows) brought to the layer's
     output error: indices chosen with error feedback (``assign_with_feedback``), then the
-    codewords solved in closed form for those indices, ``rounds`` times, on the first half
-    of the calibration Gram matrices; kept only if the output error on the other half falls.
+    codewords solved in closed form for those indices (``rounds`` times: one did as well as two
+    on Lite1), on the first half of the calibration Gram matrices; kept only if the output
+    error on the other half falls.
     Returns the fit and the held-out relative output error before and after."""
     fitting, checking = halves
     channels, groups = len(rows), len(fit.codebook)
