@@ -28,6 +28,9 @@ import numpy as np
 from onnxcompress.passes.codebook.fit import RowQuantizer
 
 BITS = range(1, 9)
+#: Larger weights are weighed on this many values: a sample of the columns of every row (the
+#: sorted copies, prefix sums and orders of weighing take about 60 bytes a value).
+MEASURED_VALUES = 1 << 21
 #: Bytes a decoder's nodes and shape constants add to a file, about (for size targets).
 DECODER_OVERHEAD = 400
 
@@ -77,23 +80,28 @@ def measure_choices(
     codebooks of ``itemsize`` bytes an entry; and leaving it float (``float_bytes``), if given.
 
     ``importance`` (broadcastable to ``rows``) is E[x²] of the input each weight multiplies."""
-    channels = len(rows)
+    channels, shape = len(rows), rows.shape
     choices = [] if float_bytes is None else [Choice(None, 0, float_bytes, 0.0)]
     full = None if importance is None else np.broadcast_to(importance, rows.shape)
+    if rows.size > MEASURED_VALUES:  # errors from a sample of every row's columns
+        keep = max(1, MEASURED_VALUES // channels)
+        columns = np.sort(np.random.default_rng(0).choice(shape[1], keep, replace=False))
+        rows = rows[:, columns]
+        full = None if full is None else full[:, columns]
     energy = float(np.sum(rows * rows * (1.0 if full is None else full))) or 1.0
     for groups in group_counts(channels):
         grouped, order = grouped_rows(rows, groups)
         weights = None if full is None else grouped_rows(full, groups, order)[0]
         quantizer = RowQuantizer(grouped)  # weighting the fit by E[x²] measured worse
         for b in bits:
-            nbytes = stored_bytes(rows.shape, groups, b, itemsize)
+            nbytes = stored_bytes(shape, groups, b, itemsize)
             if float_bytes is not None and nbytes >= float_bytes:
                 break  # float is exact for fewer bytes (and wider codebooks cost more)
             if groups > 1 and 2 * groups * (1 << b) * itemsize > nbytes:
                 break  # codebooks outweigh indices: fewer codebooks do better (and cost less)
             error = quantizer.squared_error(1 << b, weights) / energy
             choices.append(Choice(b, groups, nbytes, error))
-    return LayerChoices(name, rows.size, channels, choices)
+    return LayerChoices(name, shape[0] * shape[1], channels, choices)
 
 
 def weighted_error(rows: np.ndarray, approx: np.ndarray, importance: np.ndarray | None) -> float:

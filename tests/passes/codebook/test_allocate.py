@@ -243,3 +243,16 @@ def test_measure_choices_covers_every_width_and_granularity():
     assert (5, 16) not in kinds  # 16 codebooks of 32 outweigh the indices: not weighed
     errors = [c.error for c in layer.choices if c.groups == 16]
     assert len(errors) == 4 and all(a > b for a, b in itertools.pairwise(errors))
+
+
+def test_large_weights_are_weighed_on_a_sample_of_columns(monkeypatch):
+    import onnxcompress.passes.codebook.allocate as allocate_module
+
+    rows = np.random.default_rng(11).standard_normal((16, 4000)) * np.arange(1, 17)[:, None]
+    full = measure_choices("W", rows, None, 4)
+    monkeypatch.setattr(allocate_module, "MEASURED_VALUES", 16_000)
+    sampled = measure_choices("W", rows, None, 4)
+    assert [c.nbytes for c in sampled.choices] == [c.nbytes for c in full.choices]
+    for a, b in zip(full.choices, sampled.choices):
+        if a.bits is not None and a.bits <= 4:  # wider codebooks fit a sample's tails closer
+            assert b.error == pytest.approx(a.error, rel=0.25)
