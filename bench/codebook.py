@@ -3,7 +3,7 @@ onnxruntime cost (session creation, first inference, steady-state latency), side
 run; plus the 1-D k-means speed on a 10-million-value tensor and whether onnxruntime
 constant-folds the decoders at session creation.
 
-    python bench/codebook.py [--runs 200] [--quick] [--models NAME]
+    python bench/codebook.py [--runs 200] [--quick] [--models NAME] [--settings NAME=S;S]
 
 Ratios: bytes and file size original / compressed (> 1 is smaller); first inference and
 steady-state latency compressed / original (< 1 is faster); session creation in milliseconds,
@@ -289,7 +289,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="timed runs per model")
     parser.add_argument("--quick", action="store_true", help="first setting of each model only")
     parser.add_argument("--models", default="", help="only models whose name contains this")
+    parser.add_argument(
+        "--settings",
+        action="append",
+        default=[],
+        help="NAME=SETTING;SETTING: these settings for the models whose name contains NAME "
+        "(e.g. to match another run's bytes: ppocr=codebook:bits=4.9)",
+    )
     args = parser.parse_args()
+    chosen = dict(item.split("=", 1) for item in args.settings)
     print("\n".join(table(["clustering at 4 bits", "time"], clustering_speed())))
     print()
     rows = []
@@ -297,6 +305,9 @@ def main() -> None:
         for case in cases(default_real_dir(), args.quick):
             if args.models not in case["name"]:
                 continue
+            for name, settings in chosen.items():
+                if name in case["name"]:
+                    case = dict(case, settings=settings.split(";"))
             rows += bench_model(case, args.runs, Path(folder))
     header = [
         "model",

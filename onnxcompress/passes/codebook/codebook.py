@@ -288,8 +288,9 @@ class Codebook(CompressionPass):
             groups = self._grouped(rows)
         else:
             groups, order = grouped_rows(rows, choice.groups)
+            per_channel = choice.groups == layout.channels > 1
             detail.update(
-                granularity=choice.granularity,
+                granularity="channel" if per_channel else choice.granularity,
                 layer_error=float(f"{choice.error:.4g}"),
                 predicted_output_error=float(f"{choice.output_error:.4g}"),
             )

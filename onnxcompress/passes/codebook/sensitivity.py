@@ -21,8 +21,11 @@ import onnx_ir as ir
 from onnxcompress.calibration import Feed
 from onnxcompress.runner import Runner
 
-#: Samples the probes run on (the first calibration feeds that hold this many).
-PROBE_SAMPLES = 4
+#: Samples the probes run on (the first calibration feeds that hold this many): as many as
+#: fit ``PROBE_MACS`` multiply-adds a probe (4 on EfficientNet-Lite1, where 4 measured the
+#: same as 8 for 6 s less), within these bounds.
+PROBE_MACS = 2_400_000_000
+PROBE_SAMPLES = (4, 64)
 PROBE_BITS = 3
 
 #: A weight's probe: the values to feed in place of initializers (the approximated weight,
@@ -36,6 +39,7 @@ def output_gains(
     probe: Probe,
     feeds: Sequence[Feed],
     also: Sequence[ir.Value] = (),
+    samples: int = PROBE_SAMPLES[0],
 ) -> dict[str, float]:
     """Per weight name: the model's output error (relative squared L2, summed over the
     outputs) with that weight alone replaced by its probe, over the probe's layer error.
@@ -44,7 +48,7 @@ def output_gains(
         value.shape is None or not value.shape or isinstance(value.shape[0], int)
         for value in model.graph.inputs
     )
-    chosen = _probe_feeds(feeds, cut=not fixed)
+    chosen = _probe_feeds(feeds, samples, cut=not fixed)
     fed = list({id(v): v for v in [*weights, *also]}.values())
     with _overridable(model, fed), Runner(model, "model for codebook sensitivity") as runner:
         references = [runner.run(feed) for feed in chosen]
@@ -59,19 +63,25 @@ def output_gains(
     return gains
 
 
-def _probe_feeds(feeds: Sequence[Feed], cut: bool) -> list[Feed]:
-    """The first ``PROBE_SAMPLES`` samples of the feeds (a batch ``cut`` when its inputs
-    share their leading axis and the model leaves it open)."""
+def probe_samples(macs_per_sample: float) -> int:
+    """How many samples the probes run on, for a model of this many multiply-adds a sample."""
+    low, high = PROBE_SAMPLES
+    return int(min(high, max(low, PROBE_MACS // max(macs_per_sample, 1))))
+
+
+def _probe_feeds(feeds: Sequence[Feed], wanted: int, cut: bool) -> list[Feed]:
+    """The first ``wanted`` samples of the feeds (a batch ``cut`` when its inputs share their
+    leading axis and the model leaves it open)."""
     chosen, samples = [], 0
     for feed in feeds:
         lengths = {len(a) if np.ndim(a) else None for a in feed.values()}
         length = lengths.pop() if len(lengths) == 1 else None
-        if cut and length is not None and samples + length > PROBE_SAMPLES:
-            length = PROBE_SAMPLES - samples
+        if cut and length is not None and samples + length > wanted:
+            length = wanted - samples
             feed = {name: array[:length] for name, array in feed.items()}
         chosen.append(feed)
         samples += length or 1
-        if samples >= PROBE_SAMPLES:
+        if samples >= wanted:
             break
     return chosen
 
