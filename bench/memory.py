@@ -68,38 +68,13 @@ def compress_command(setting: str, data: Path, batch: int, output: Path) -> list
 
 
 def ort_child(data: str, batch: int, output: str) -> None:
-    """onnxruntime's static quantization on the same batches, in this (child) process."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """onnxruntime's static quantization (MinMax, as bench/qdq.py runs it) on the same
+    batches, read from the file one at a time, in this (child) process."""
+    from bench.qdq import ort_quantize
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            images = np.load(Path(data) / "input.npy", mmap_mode="r")
-            self.batches = (
-                {"input": np.array(images[i : i + batch])} for i in range(0, len(images), batch)
-            )
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    prepared = str(Path(output).with_suffix(".pre.onnx"))
-    quant_pre_process(str(lite1_path()), prepared)  # its recommended step
-    quantize_static(
-        prepared,
-        output,
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
+    images = np.load(Path(data) / "input.npy", mmap_mode="r")
+    batches = ({"input": np.array(images[i : i + batch])} for i in range(0, len(images), batch))
+    ort_quantize("lite1", "minmax", batches, output)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def quantize_child(tool: str, name: str, method: str, samples: int, output: str)
     print(json.dumps({"seconds": seconds, "peak_mb": peak}))
 
 
-def ort_quantize(name: str, method: str, calibration: list[dict], output: str) -> None:
+def ort_quantize(name: str, method: str, calibration: Iterable[dict], output: str) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,

@@ -60,12 +60,10 @@ class Choice:
 
 @dataclass
 class LayerChoices:
-    """The choices measured for one weight, and its row layout ``[C, L]``; ``gain`` scales
-    a choice's layer error to the model's output error (``sensitivity.py``)."""
+    """The choices measured for one weight; ``gain`` scales a choice's layer error to the
+    model's output error (``sensitivity.py``)."""
 
     name: str
-    size: int
-    channels: int
     choices: list[Choice]
     gain: float = 1.0
 
@@ -107,7 +105,7 @@ def measure_choices(
             error = quantizer.squared_error(1 << b, weights) / energy
             if error <= MAX_LAYER_ERROR:
                 choices.append(Choice(b, groups, nbytes, error))
-    return LayerChoices(name, shape[0] * shape[1], channels, choices)
+    return LayerChoices(name, choices)
 
 
 def weighted_error(rows: np.ndarray, approx: np.ndarray, importance: np.ndarray | None) -> float:

@@ -1,9 +1,12 @@
-"""Data-aware refinement of a codebook fit: codewords that minimize a fully connected layer's
-output error on the calibration inputs, not the weight error (assignments held fixed).
+"""Data-aware refinement of a codebook fit: a fully connected (or pointwise conv) layer's
+output error on the calibration inputs, not its weight error, is what is minimized.
 
-Both refiners take ``gram`` = E[x xᵀ] of the layer's input; an output error eᵀ G e is
-quadratic in the codewords, so each solve is closed-form. A refinement that would not lower
-the output error (numerical trouble) is dropped and the weight-space fit kept.
+Every refiner reads E[x xᵀ] of the layer's input (a Gram matrix G); an output error eᵀ G e
+is quadratic in the codewords, so each codeword solve is closed-form. Product quantization
+refines its codewords (``refine_product``); scalar codebooks also choose their indices with
+error feedback (``fit_with_feedback``), fitted on one half of the calibration batches and
+checked on the other. A refinement that does not lower the output error is dropped and the
+k-means fit kept.
 """
 
 from __future__ import annotations
@@ -45,29 +48,6 @@ def refine_product(
     if after > before:  # numerical trouble: keep the weight-space fit
         return fit, before, before
     return refined, before, after
-
-
-def refine_scalar(
-    rows: np.ndarray, fit: CodebookFit, gram: np.ndarray
-) -> tuple[CodebookFit, float, float]:
-    """Centroids that minimize the output error of each output row, assignments fixed.
-
-    ``rows`` ``[N, k]`` are output rows in input coordinates, one codebook each (per-channel
-    codebooks of a fully connected layer); for row j with one-hot assignment A the error
-    (A c − w)ᵀ G (A c − w) is minimized by (Aᵀ G A) c = Aᵀ G w.
-    """
-    codebook = fit.codebook.copy()
-    ridge = _ridge(gram)
-    pulled_all = rows @ gram  # (G w)ᵀ for every row
-    for j, labels in enumerate(fit.indices):
-        used, system = _cluster_gram(gram, labels)
-        system += ridge * np.eye(len(used))
-        target = np.bincount(labels, weights=pulled_all[j], minlength=codebook.shape[1])[used]
-        codebook[j, used, 0] = np.linalg.solve(system, target)
-    new = CodebookFit(codebook, fit.indices)
-    before = _output_error(rows, fit.decode(), gram)
-    after = _output_error(rows, new.decode(), gram)
-    return (new, before, after) if after <= before else (fit, before, before)
 
 
 def _cluster_gram(gram: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -81,7 +81,7 @@ def test_sorted_groups_round_trip_and_group_counts():
 def test_allocation_fits_the_budget_and_pays_for_the_sensitive_layer():
     def layer(name, gain):
         choices = [Choice(b, 1, 1000 * b, 4.0**-b) for b in range(1, 9)]
-        return LayerChoices(name, 8000, 1, choices, gain=gain)
+        return LayerChoices(name, choices, gain=gain)
 
     layers = [layer("quiet", 0.01), layer("loud", 10.0)]
     plan, fits = allocate(layers, budget=8000)
