@@ -243,3 +243,25 @@ def weight_params(model: ir.Model) -> tuple[int, int]:
                 params += value.const_value.size
                 nbytes += value.const_value.nbytes
     return params, nbytes
+
+
+def is_pointwise_conv(node: ir.Node, stride_one: bool) -> bool:
+    """A float 1×1 Conv with constant weights, group 1, no padding: a fully connected layer
+    at every position it reads (``stride_one``: at every position, as a producer whose
+    reader may sample any of them, or a layer whose input statistics are its rows')."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return False
+    if weight_problem(node.inputs[1]) is not None:
+        return False
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and bias.const_value is None:
+        return False
+    attrs = node.attributes
+    shape = node.inputs[1].const_value.shape
+    if any(d != 1 for d in shape[2:]) or attrs.get_int("group", 1) != 1:
+        return False
+    if attrs.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return False
+    if any(attrs.get_ints("pads", [])):
+        return False
+    return not stride_one or all(s == 1 for s in attrs.get_ints("strides", []))

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from onnxcompress.calibration import Feed
 from onnxcompress.emit import Emitter
 from onnxcompress.errors import CannotRun
-from onnxcompress.graph import weight_axes
+from onnxcompress.graph import is_pointwise_conv, weight_axes
 from onnxcompress.stats import ChannelMean, SecondMoments, captured, captured_parts, output_shift
 
 #: Gram matrices are kept for inputs up to this many features, and this many bytes in all.
@@ -161,7 +161,11 @@ def _accumulators(weights: list[ir.Value], with_gram: bool) -> dict[str, _Accumu
             continue
         conv = node.op_type == "Conv"
         features = value.const_value.shape[weight_axes(node).reduced]
-        want = with_gram and (not conv or is_pointwise(node)) and features <= MAX_GRAM_FEATURES
+        want = (
+            with_gram
+            and (not conv or is_pointwise_conv(node, stride_one=True))
+            and features <= MAX_GRAM_FEATURES
+        )
         want = want and budget >= 16 * features * features
         budget -= 16 * features * features if want else 0
         layers[value.name] = _Accumulator(node, conv, want)
@@ -221,16 +225,3 @@ def input_power(stats: InputStats | None, shape: tuple[int, ...]) -> np.ndarray 
     if len(shape) != 2 or axis is None or power.size != shape[axis]:
         return None
     return np.broadcast_to(np.expand_dims(power, 1 - axis), shape)
-
-
-def is_pointwise(node: ir.Node) -> bool:
-    """A 1×1 Conv over all input channels at stride 1: a fully connected layer applied at
-    every pixel (its weight rows see the input channels as features)."""
-    if node.op_type != "Conv" or node.attributes.get_int("group", 1) != 1:
-        return False
-    weight = node.inputs[1].const_value if len(node.inputs) > 1 else None
-    if weight is None or any(size != 1 for size in weight.shape[2:]):
-        return False
-    strides = node.attributes.get_ints("strides", [1])
-    pads = node.attributes.get_ints("pads", [0])
-    return all(s == 1 for s in strides) and not any(pads)

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.emit import Emitter
-from onnxcompress.graph import Shapes, node_label, weight_array, weight_problem
+from onnxcompress.graph import Shapes, is_pointwise_conv, node_label, weight_array
 from onnxcompress.passes.base import LayerReport, PassReport
 
 
@@ -97,14 +97,14 @@ def fold_pointwise(
     """Fold ``node`` (a 1×1 conv) into the 1×1 conv it feeds, with every other conv beside it
     in a Concat for which ``ours`` holds (made by the calling pass); None when the pattern
     does not hold or the absorbing conv is ``protected`` (excluded by the user)."""
-    if not _pointwise(node, as_producer=True):
+    if not is_pointwise_conv(node, stride_one=True):
         return None
     reader, via = _single_reader(node.outputs[0]), None
     if reader is not None and reader.op_type == "Concat":
         via, reader = reader, _single_reader(reader.outputs[0])
         if not _channel_concat(via, node):
             return None
-    if reader is None or protected(reader) or not _pointwise(reader, as_producer=False):
+    if reader is None or protected(reader) or not is_pointwise_conv(reader, stride_one=False):
         return None
     if via is not None and reader.inputs[0] is not via.outputs[0]:
         return None
@@ -169,27 +169,6 @@ def _single_reader(value: ir.Value) -> ir.Node | None:
     return uses[0].node
 
 
-def _pointwise(node: ir.Node, as_producer: bool) -> bool:
-    """A float 1×1 conv, group 1, no padding (a producer also stride 1: it must keep every
-    position the reader may sample)."""
-    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-        return False
-    if weight_problem(node.inputs[1]) is not None:
-        return False
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is not None and bias.const_value is None:
-        return False
-    attrs = node.attributes
-    shape = node.inputs[1].const_value.shape
-    if any(d != 1 for d in shape[2:]) or attrs.get_int("group", 1) != 1:
-        return False
-    if attrs.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        return False
-    if any(attrs.get_ints("pads", [])):
-        return False
-    return not as_producer or all(s == 1 for s in attrs.get_ints("strides", []))
-
-
 def _channel_concat(concat: ir.Node, member: ir.Node) -> bool:
     rank = len(member.inputs[1].const_value.shape)
     axis = concat.attributes.get_int("axis", 0)
@@ -199,7 +178,7 @@ def _channel_concat(concat: ir.Node, member: ir.Node) -> bool:
 def _foldable_source(producer: ir.Node, value: ir.Value, sources) -> bool:
     """A pointwise conv whose output is read once, by this Concat/conv, at one position."""
     return (
-        _pointwise(producer, as_producer=True)
+        is_pointwise_conv(producer, stride_one=True)
         and len(value.uses()) == 1
         and not value.is_graph_output()
         and sum(v is value for v in sources) == 1
