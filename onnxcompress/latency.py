@@ -66,13 +66,18 @@ _WARM_UP = 2  # the first runs allocate and pack weights
 
 
 class _Profiled:
-    """One profiling onnxruntime session on ``model`` (its single input fed seeded noise)."""
+    """One profiling onnxruntime session on ``model``, fed ``feed`` or, for a model of one
+    input of static shape, seeded noise."""
 
-    def __init__(self, model: ir.Model, folder: Path, threads: int, seed: int = 0) -> None:
-        (x,) = model.graph.inputs
-        shape = [int(d) for d in x.shape]
-        noise = np.random.default_rng(seed).standard_normal(shape)
-        self.feed = {x.name: noise.astype(x.dtype.numpy())}
+    def __init__(
+        self, model: ir.Model | str, folder: Path, threads: int, seed: int = 0, feed=None
+    ) -> None:
+        if feed is None:
+            (x,) = model.graph.inputs
+            shape = [int(d) for d in x.shape]
+            noise = np.random.default_rng(seed).standard_normal(shape)
+            feed = {x.name: noise.astype(x.dtype.numpy())}
+        self.feed = feed
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
@@ -82,9 +87,8 @@ class _Profiled:
         self.optimized = folder / "optimized.onnx"
         options.optimized_model_filepath = str(self.optimized)
         try:
-            self.session = ort.InferenceSession(
-                ir.to_proto(model).SerializeToString(), options, ["CPUExecutionProvider"]
-            )
+            source = model if isinstance(model, str) else ir.to_proto(model).SerializeToString()
+            self.session = ort.InferenceSession(source, options, ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise CannotRun(f"onnxruntime cannot time the layer: {exc}".splitlines()[0]) from None
         self.run(_WARM_UP)
@@ -98,15 +102,19 @@ class _Profiled:
 
     def rounds(self, runs: int) -> list[float]:
         """Per round of ``runs``: the median microseconds per run, summed over the nodes."""
-        profile = Path(self.session.end_profiling())
-        edges = _edge_reorders(onnx.load(self.optimized))
-        durations = _kernel_durations(json.loads(profile.read_text()), edges)
-        timed = [times[_WARM_UP:] for times in durations.values()]
+        timed = [times[_WARM_UP:] for times in self.durations().values()]
         count = min((len(times) for times in timed), default=0) // runs
         return [
             float(sum(np.median(times[k * runs : (k + 1) * runs]) for times in timed))
             for k in range(count)
         ]
+
+    def durations(self) -> dict[str, list[float]]:
+        """Microseconds of every run (warm-up included) per kernel, edge reorders left out;
+        ends the profile."""
+        profile = Path(self.session.end_profiling())
+        edges = _edge_reorders(onnx.load(self.optimized, load_external_data=False))
+        return _kernel_durations(json.loads(profile.read_text()), edges)
 
 
 def kernel_microseconds(model: ir.Model, runs: int = 40, threads: int = 1) -> float:
@@ -116,6 +124,50 @@ def kernel_microseconds(model: ir.Model, runs: int = 40, threads: int = 1) -> fl
         profiled = _Profiled(model, Path(folder), threads)
         profiled.run(runs)
         return profiled.rounds(runs)[0]
+
+
+def node_times(model: ir.Model, feed, runs: int = 20, threads: int = 1) -> dict[str | None, float]:
+    """Median microseconds per run that onnxruntime spends on each node of ``model``, by node
+    name. A kernel onnxruntime made by fusing or relaying out nodes (a Conv with its Clip, a
+    conv in the blocked NCHWc layout, named after its output) is charged to the node with
+    multiply-adds it grew from; what cannot be traced is summed under ``None``."""
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-latency-") as folder:
+        profiled = _Profiled(model, Path(folder), threads, feed=feed)
+        profiled.run(runs)
+        durations = profiled.durations()
+    producers = {v.name: n for n in model.graph for v in n.outputs if v is not None}
+    names = {n.name for n in model.graph if n.name}
+    times: dict[str | None, float] = defaultdict(float)
+    for kernel, values in durations.items():
+        median = float(np.median(values[_WARM_UP:] or values))
+        times[_origin(kernel, names, producers)] += median
+    return dict(times)
+
+
+_FUSED_SUFFIXES = ("_nchwc",)
+#: Ops onnxruntime folds into the kernel of the layer before them.
+_FOLDED_INTO_PRODUCER = frozenset(
+    {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "Add", "Mul", "Sum"}
+)
+
+
+def _origin(kernel: str, names: set[str], producers: dict[str, ir.Node]) -> str | None:
+    """The node a profiled kernel stands for: itself, or the MAC node its output grew from."""
+    if kernel in names:
+        return kernel
+    for suffix in _FUSED_SUFFIXES:
+        kernel = kernel.removesuffix(suffix)
+    node = producers.get(kernel)
+    for _ in range(3):  # back through the activations and sums fused into it
+        if node is None or node.op_type not in _FOLDED_INTO_PRODUCER:
+            break
+        feeding = [producers.get(v.name) for v in node.inputs if v is not None]
+        macs = [n for n in feeding if n is not None and n.op_type in _MAC_OPS]
+        node = macs[0] if macs else (feeding[0] if len(feeding) == 1 else None)
+    return node.name if node is not None and node.name else None
+
+
+_MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def _edge_reorders(optimized: onnx.ModelProto) -> set[str]:
@@ -142,14 +194,21 @@ def _kernel_durations(events: list[dict], skip: set[str]) -> dict[str, list[floa
     return durations
 
 
-def speedup(before: ir.Model, after: ir.Model, runs: int = 40, rounds: int = 3) -> float:
-    """How many times faster ``after`` runs than ``before``: the best of ``rounds`` alternating
-    rounds on one session each, so a burst of load on a shared machine hits both alike."""
+def speedup(
+    before: ir.Model | str,
+    after: ir.Model | str,
+    runs: int = 40,
+    rounds: int = 3,
+    feed=None,
+) -> float:
+    """How many times faster ``after`` runs than ``before`` (models or files), fed ``feed``
+    (default: noise): the best of ``rounds`` alternating rounds on one session each, so a
+    burst of load on a shared machine hits both alike."""
     with tempfile.TemporaryDirectory(prefix="onnxcompress-latency-") as folder:
         sessions = []
         for label, model in (("before", before), ("after", after)):
             (Path(folder) / label).mkdir()
-            sessions.append(_Profiled(model, Path(folder) / label, threads=1))
+            sessions.append(_Profiled(model, Path(folder) / label, threads=1, feed=feed))
         for _ in range(rounds):
             for session in sessions:
                 session.run(runs)

@@ -154,6 +154,7 @@ def run_recipe(
     finally:
         if reference is not None:
             reference.close()
+    report.gate_failures += [miss for p in report.passes for miss in p.missed]
     if report.gate_failures:
         raise ToleranceExceeded("; ".join(report.gate_failures), report, model)
     return model, report

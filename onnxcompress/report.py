@@ -62,7 +62,7 @@ class CompressionReport:
         lines += _totals_table(self.before, self.after)
         if self.validation:
             lines += validation_table(self.validation)
-        if self.gates:
+        if self.gates or self.gate_failures:
             verdict = "passed" if self.passed else "FAILED"
             lines.append(
                 f"gates {verdict}: " + ", ".join(f"{k}={v}" for k, v in self.gates.items())
@@ -78,6 +78,8 @@ def _pass_dict(report: PassReport) -> dict[str, Any]:
         "notes": report.notes,
         "totals": report.totals(),
         "layers": [dataclasses.asdict(layer) for layer in report.layers],
+        **({"allocation": report.allocation} if report.allocation else {}),
+        **({"missed": report.missed} if report.missed else {}),
     }
 
 
@@ -144,7 +146,23 @@ def _pass_table(report: PassReport) -> list[str]:
     header = ["layer", "op", "done", "params", "MACs", "weight err"]
     header += ["output err"] if measured else []
     rows = [row + [""] * (len(header) - len(row)) for row in rows]  # skipped: blank figures
-    return lines + table(header, rows, left=3)
+    return lines + table(header, rows, left=3) + _allocation_table(report.allocation)
+
+
+def _allocation_table(allocation: list[dict[str, Any]]) -> list[str]:
+    """A target's allocation: per channel group, the channels kept and the probe's figures."""
+    if not allocation:
+        return []
+    rows = [
+        [
+            row["group"][:60],
+            f"{row['kept']}/{row['channels']}",
+            _fmt(row["probe_error"], ".4g"),
+            _fmt(row["saving"], ".4g"),
+        ]
+        for row in allocation
+    ]
+    return ["", "  allocation", *table(["group", "kept", "probe error", "saves"], rows)]
 
 
 def _totals_table(before: ModelStats, after: ModelStats | None) -> list[str]:

@@ -92,6 +92,8 @@ class PassReport:
     config: dict[str, Any]
     layers: list[LayerReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    missed: list[str] = field(default_factory=list)  # targets the pass could not reach
+    allocation: list[dict[str, Any]] = field(default_factory=list)  # per group, with a target
 
     @property
     def rewritten(self) -> list[LayerReport]:

@@ -26,7 +26,8 @@ from onnxcompress.passes.codebook.allocate import (
 from onnxcompress.passes.codebook.data_aware import InputStats, input_power
 from onnxcompress.passes.codebook.fit import quantized_rows
 from onnxcompress.passes.codebook.layout import ChannelLayout, channel_axis
-from onnxcompress.passes.codebook.sensitivity import PROBE_BITS, output_gains, probe_samples
+from onnxcompress.passes.codebook.sensitivity import PROBE_BITS, output_gains
+from onnxcompress.probes import probe_samples
 from onnxcompress.stats import output_shift
 
 

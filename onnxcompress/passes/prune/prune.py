@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.emit import Emitter
+from onnxcompress.errors import BadData
 from onnxcompress.graph import node_label, node_macs
 from onnxcompress.passes.base import (
     CompressionPass,
@@ -23,11 +24,23 @@ from onnxcompress.passes.prune.channel_graph import ChannelGraph, Group
 from onnxcompress.passes.prune.channel_ops import build
 from onnxcompress.passes.prune.channel_removal import apply
 from onnxcompress.passes.prune.importance import AGGREGATE, IMPORTANCE, channel_scores
+from onnxcompress.passes.prune.reconstruction import (
+    GroupSinks,
+    collect,
+    group_sinks,
+    removal_order,
+    usable_statistics,
+)
 from onnxcompress.passes.prune.repair import REFIT_OPTION_RULES, RefitResult, Target, refit
 from onnxcompress.passes.prune.selection import Selection, kept_share, parse_layer_ratio
+from onnxcompress.passes.prune.targets import LATENCY_MARGIN, Costs, Planner
 from onnxcompress.validate import Runner
 
 REPAIR = ("auto", "lstsq", "bias", "none")
+#: A latency target counts as met within this factor: side-by-side timings on a shared
+#: machine still move by a percent or two from run to run.
+TIMING_TOLERANCE = 1.02
+CHANNEL_ORDERS = ("auto", "reconstruction", *IMPORTANCE)
 LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -42,19 +55,26 @@ class Prune(CompressionPass):
 
     @dataclass(frozen=True)
     class Config:
-        """Pruning amount: ``ratio`` (per group), ``layer_ratios`` overrides, or ``target_macs``."""
+        """Pruning amount: ``ratio`` (per group), ``layer_ratios`` overrides, or one global
+        target (``target_latency``, ``target_macs``, ``target_params``) allocated per group."""
 
         ratio: float = 0.3  # share of each group's channels to remove
         layer_ratios: tuple[str, ...] = ()  # "node-glob=ratio": groups with a matching producer
-        target_macs: float | None = None  # keep this share of MACs (searches a global ratio)
-        importance: str = "l1"  # l1, l2, bn (|gamma|, l1 where no BN), activation (mean |a|)
+        target_latency: float | None = None  # this many times faster (onnxruntime, 1 thread)
+        target_macs: float | None = None  # keep this share of MACs
+        target_params: float | None = None  # keep this share of the parameters
+        # auto: reconstruction with real data, l1 without; reconstruction: the channels the
+        # next layers' least-squares refit misses least; l1, l2, bn (|gamma|), activation
+        importance: str = "auto"
         aggregate: str = "mean"  # how a channel's scores over its producers combine
         round_to: int = 1  # kept channels per group: a multiple of this
         min_channels: int = 1  # never keep fewer channels in a group
         max_ratio: float = 0.9  # never remove more than this share of a group
         exclude: tuple[str, ...] = ()  # producer node-name globs whose groups are left alone
         repair: str = "auto"  # auto (lstsq with real data, a bias fold without), lstsq, bias, none
-        damping: float = 0.1  # ridge towards the unrepaired weights, relative to mean diag(XᵀX)
+        # ridge towards the unrepaired weights, relative to mean diag(XᵀX); none: per layer,
+        # the one that best predicts held-out calibration feeds
+        damping: float | None = None
         max_rows: int = 4096  # rows sampled per batch and layer for the refit
 
         def __post_init__(self) -> None:
@@ -62,8 +82,10 @@ class Prune(CompressionPass):
                 self,
                 {
                     "ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                    "target_latency": (lambda v: v >= 1, ">= 1"),
                     "target_macs": (lambda v: 0 < v <= 1, "in (0, 1]"),
-                    "importance": (lambda v: v in IMPORTANCE, " or ".join(IMPORTANCE)),
+                    "target_params": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                    "importance": (lambda v: v in CHANNEL_ORDERS, " or ".join(CHANNEL_ORDERS)),
                     "aggregate": (lambda v: v in AGGREGATE, " or ".join(AGGREGATE)),
                     "round_to": (lambda v: v >= 1, "an integer >= 1"),
                     "min_channels": (lambda v: v >= 1, "an integer >= 1"),
@@ -74,6 +96,17 @@ class Prune(CompressionPass):
             )
             for item in self.layer_ratios:
                 parse_layer_ratio(item)
+            if len(self.targets()) > 1:
+                raise ValueError("give one of target_latency, target_macs, target_params")
+
+        def targets(self) -> dict[str, float]:
+            """The global target given: {"latency" | "macs" | "params": value}."""
+            given = {
+                "latency": self.target_latency,
+                "macs": self.target_macs,
+                "params": self.target_params,
+            }
+            return {kind: value for kind, value in given.items() if value is not None}
 
     @classmethod
     def applies(cls, node: ir.Node) -> bool:
@@ -95,6 +128,7 @@ class _FilterPruning:
         self.emitter = emitter
         self.cg: ChannelGraph = build(model.graph, ctx.shapes)
         self.groups = self.cg.groups()
+        self.plan = None  # with a target: (kind, value, Costs, Plan)
 
     def run(self) -> None:
         problems = {id(g): self._group_problem(g) for g in self.groups}
@@ -113,6 +147,29 @@ class _FilterPruning:
         _Report(self.cg, self.groups, problems, pruned).write(
             self.report, self._touched_nodes(), before, repaired
         )
+        if self.plan is not None:
+            self._report_target(*self.plan)
+
+    def _report_target(self, kind: str, value: float, costs: Costs, plan) -> None:
+        """The allocation, what it predicts, and for latency the measured speed-up; a target
+        not reached is a miss the pipeline refuses."""
+        report = self.report
+        report.allocation = plan.rows
+        predicted = plan.total_cost / max(plan.predicted_cost, 1e-12)
+        if kind == "latency":
+            self._progress("prune: timing the pruned model beside the original")
+            measured = costs.measured_speedup(self.model)
+            report.notes.append(
+                f"target_latency={value}: predicted {predicted:.2f}x, measured {measured:.2f}x "
+                "faster (onnxruntime kernel time, 1 thread, batch 1, side by side)"
+            )
+            if measured * TIMING_TOLERANCE < value:
+                report.missed.append(f"prune: measured {measured:.2f}x faster, target {value}x")
+            return
+        share = plan.predicted_cost / max(plan.total_cost, 1e-12)
+        report.notes.append(f"target_{kind}={value}: {share:.3f} of the {kind} kept")
+        if share > value * 1.001:
+            report.missed.append(f"prune: {share:.3f} of the {kind} kept, target {value}")
 
     def _group_problem(self, group: Group) -> str | None:
         if group.blocked:
@@ -122,11 +179,61 @@ class _FilterPruning:
         return None
 
     def _choose(self, prunable: list[Group]) -> np.ndarray:
-        config = self.config
-        scores = channel_scores(
-            self.cg, config.importance, config.aggregate, self.model, self.ctx.calibration
-        )
-        return Selection(config, self.cg, self.model, self.ctx.shapes).choose(prunable, scores)
+        config, ctx = self.config, self.ctx
+        base = "l1" if config.importance in ("auto", "reconstruction") else config.importance
+        scores = channel_scores(self.cg, base, config.aggregate, self.model, ctx.calibration)
+        selection = Selection(config, self.cg, self.model, ctx.shapes)
+        weighed = self._weighed(prunable)
+        targets = config.targets()
+        if not targets:
+            for entry in weighed:
+                if entry.problem is None:
+                    order = removal_order(entry.sinks, entry.group.size, [])
+                    for rank, index in enumerate(order):
+                        scores[entry.group.channels[index]] = float(rank)
+            return selection.choose(prunable, scores)
+        return self._for_target(*targets.items(), prunable, selection, scores, weighed)
+
+    def _weighed(self, prunable: list[Group]) -> list[GroupSinks]:
+        """The groups with their sinks' input Grams, when channels go by reconstruction;
+        with a target, every group (those without usable sinks probed by zeroing)."""
+        order = self.config.importance
+        reconstruct = order == "reconstruction" or (order == "auto" and not self._data_free)
+        if not self.ctx.calibration or not (reconstruct or self.config.targets()):
+            return []
+        entries = group_sinks(self.cg, prunable)
+        if not reconstruct:
+            for entry in entries:
+                entry.problem = entry.problem or f"importance={order}"
+        sinks = [s for e in entries if e.problem is None for s in e.sinks]
+        if sinks:
+            self._progress("prune: input statistics of the layers that read the groups")
+            collect(self.model, sinks, self.ctx.calibration, self.config.max_rows, self.ctx.seed)
+            usable_statistics(entries)
+        return entries
+
+    def _for_target(self, target, prunable, selection, scores, weighed) -> np.ndarray:
+        kind, value = target
+        ctx = self.ctx
+        if not ctx.calibration:
+            raise BadData("prune: a target needs calibration data to weigh the channel groups")
+        costs = Costs(kind, self.model, ctx.shapes, self.cg, ctx.calibration[0])
+        planner = Planner(selection, self.cg, costs, scores)
+        self._progress(f"prune: probing {len(weighed)} channel groups")
+        options = planner.options(self.model, weighed, ctx.calibration, self._macs_per_sample())
+        goal = costs.total / (value * LATENCY_MARGIN) if kind == "latency" else costs.total * value
+        plan, pruned = planner.allocate(prunable, options, goal)
+        self.plan = (kind, value, costs, plan)
+        return pruned
+
+    def _macs_per_sample(self) -> float:
+        first = next(iter(self.ctx.calibration[0].values()), None)
+        batch = len(first) if first is not None and np.ndim(first) else 1
+        return sum(node_macs(n, self.ctx.shapes) or 0 for n in self.model.graph) / max(batch, 1)
+
+    def _progress(self, message: str) -> None:
+        if self.ctx.progress is not None:
+            self.ctx.progress(message)
 
     def _touched_nodes(self) -> list[ir.Node]:
         nodes = {id(f.node): f.node for f in [*self.cg.slices, *self.cg.attrs]}

@@ -29,9 +29,12 @@ from onnxcompress.validate import Runner
 
 #: A masked refit solves one system per output column; past this many inputs it is too slow.
 MAX_MASKED_FEATURES = 2048
+#: Dampings tried when the refit chooses its own on held-out feeds; the fixed one otherwise.
+DAMPINGS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+DEFAULT_DAMPING = 0.1
 #: Checks of the refit options that the passes using it share (``check_fields`` rules).
 REFIT_OPTION_RULES = {
-    "damping": (lambda v: v >= 0, ">= 0"),
+    "damping": (lambda v: v is None or v >= 0, ">= 0, or none to choose it on held-out feeds"),
     "max_rows": (lambda v: v >= 1, "an integer >= 1"),
 }
 
@@ -49,6 +52,7 @@ class Target:
     mask: np.ndarray | None = None  # [features, outputs] support of W (sparsity), None = dense
     weight_before: np.ndarray | None = None  # the weight as the pass found it (bias fold)
     moments: SecondMoments | None = None  # the calibration sums, filled by ``refit``
+    held: SecondMoments | None = None  # with damping chosen on data: the other feeds' sums
 
 
 @dataclass
@@ -78,30 +82,33 @@ def refit(
     feeds: Sequence[Feed],
     *,
     emitter: Emitter,
-    damping: float = 1e-3,
+    damping: float | None = 1e-3,
     max_rows: int = 4096,
     seed: int = 0,
 ) -> list[RefitResult]:
     """Refit ``targets`` in place, wave by wave; ``teacher`` must expose their output names.
-    A layer that had no bias gets one from ``emitter``."""
+    A layer that had no bias gets one from ``emitter``. ``damping`` None: per layer, the one
+    of ``DAMPINGS`` whose fit on the even feeds best predicts the odd ones (a refit of a
+    thousand inputs on fifty images otherwise learns those images)."""
     rng = np.random.default_rng(seed)
     results: list[RefitResult] = []
     pending = []
     for target in targets:
         try:
-            _check(target.node)
+            check_refittable(target.node)
             pending.append(target)
         except NotRefittable as why:
             results.append(RefitResult(node_label(target.node), skipped=str(why)))
     for wave in _waves(model.graph, pending):
-        _collect(model, wave, teacher, feeds, max_rows, rng)
+        _collect(model, wave, teacher, feeds, max_rows, rng, split=damping is None)
         results.extend(_solve_and_store(target, damping, emitter) for target in wave)
         for target in wave:  # solved: its sums (a Gram matrix each) need not outlive the wave
-            target.moments = None
+            target.moments = target.held = None
     return results
 
 
-def _check(node: ir.Node) -> None:
+def check_refittable(node: ir.Node) -> None:
+    """Raise NotRefittable when the refit cannot handle this layer."""
     if node.op_type == "Conv":
         weight = node.inputs[1].const_value
         if weight is None or len(weight.shape) < 3:
@@ -130,13 +137,14 @@ def _waves(graph: ir.Graph, targets: list[Target]) -> list[list[Target]]:
     return [waves[k] for k in sorted(waves)]
 
 
-def _collect(model, wave: list[Target], teacher: Runner, feeds, max_rows: int, rng) -> None:
+def _collect(model, wave: list[Target], teacher: Runner, feeds, max_rows, rng, split) -> None:
     """Add each batch's rows to the targets' second moments: what the layer receives in the
-    model being repaired against what the teacher's layer produces."""
+    model being repaired against what the teacher's layer produces (the odd feeds' apart,
+    when ``split``)."""
     inputs = [t.node.inputs[0].name for t in wave]
     outputs = [t.node.outputs[0].name for t in wave]
     pairs = captured_pairs(model, inputs, teacher, outputs, feeds, "model being repaired")
-    for xs, ys in pairs:
+    for index, (xs, ys) in enumerate(pairs):
         for target in wave:
             node = target.node
             x = xs[node.inputs[0].name]
@@ -144,13 +152,19 @@ def _collect(model, wave: list[Target], teacher: Runner, feeds, max_rows: int, r
             x_rows, y_rows = layer_rows(node, x, y, max_rows, rng)
             if target.out_keep is not None:
                 y_rows = y_rows[:, target.out_keep]
-            if target.moments is None:
+            held = split and index % 2 == 1
+            sums = target.held if held else target.moments
+            if sums is None:
                 # products of one batch in float32 (the costly part), sums in float64
-                target.moments = SecondMoments(_has_intercept(node), product_dtype=np.float32)
-            target.moments.add(x_rows, y_rows)
+                sums = SecondMoments(has_intercept(node), product_dtype=np.float32)
+                if held:
+                    target.held = sums
+                else:
+                    target.moments = sums
+            sums.add(x_rows, y_rows)
 
 
-def _has_intercept(node: ir.Node) -> bool:
+def has_intercept(node: ir.Node) -> bool:
     """Whether the fit may move the layer's bias: a Conv's always, a Gemm's when its bias is
     per output (or missing) and its own."""
     if node.op_type == "Conv":
@@ -166,7 +180,7 @@ def _has_intercept(node: ir.Node) -> bool:
     )
 
 
-def _current(node: ir.Node, features: int) -> np.ndarray:
+def current_matrix(node: ir.Node, features: int) -> np.ndarray:
     """The layer's weights as the ``[features(+1), outputs]`` matrix the rows multiply."""
     weight = np.asarray(node.inputs[1].const_value.numpy(), dtype=np.float64)
     out = weight_axes(node).out
@@ -192,15 +206,18 @@ def _solve_and_store(target: Target, damping: float, emitter: Emitter) -> RefitR
     if not (np.isfinite(gram).all() and np.isfinite(cross).all()):
         # huge activations overflow the sums: a fit on them would write NaN weights
         return RefitResult(label, skipped="calibration statistics overflow (values too large)")
-    current = _current(node, gram.shape[0])
+    current = current_matrix(node, gram.shape[0])
     if current.shape != cross.shape:
         return RefitResult(label, skipped=f"shape mismatch {current.shape} vs {cross.shape}")
     if target.mask is not None and len(gram) > MAX_MASKED_FEATURES:
         return RefitResult(label, skipped=f"{len(gram)} inputs: too many for a masked refit")
+    if damping is None:
+        damping = _held_out_damping(target, current)
+        moments = _merged(moments, target.held)
+        gram, cross = moments.xx, moments.xy
     ridge = damping * max(float(np.trace(gram)) / len(gram), 1e-12)
     if target.mask is None:
-        system = gram + ridge * np.eye(len(gram))
-        solved = _solve(system, cross + ridge * current)
+        solved = _ridge_solve(gram, cross, current, ridge)
     else:
         solved = _masked_solve(gram, cross, current, target.mask, ridge)
     before, after = moments.error(current), moments.error(solved)
@@ -209,6 +226,31 @@ def _solve_and_store(target: Target, damping: float, emitter: Emitter) -> RefitR
         return RefitResult(label, before, before)
     _store(node, solved, emitter)
     return RefitResult(label, before, after)
+
+
+def _ridge_solve(gram, cross, current, ridge: float) -> np.ndarray:
+    return _solve(gram + ridge * np.eye(len(gram)), cross + ridge * current)
+
+
+def _held_out_damping(target: Target, current: np.ndarray) -> float:
+    """The damping whose fit on the even feeds leaves the least error on the odd ones."""
+    fit, held = target.moments, target.held
+    if held is None or target.mask is not None or not np.isfinite(held.xx).all():
+        return DEFAULT_DAMPING
+    scale = max(float(np.trace(fit.xx)) / len(fit.xx), 1e-12)
+    errors = {
+        damping: held.error(_ridge_solve(fit.xx, fit.xy, current, damping * scale))
+        for damping in DAMPINGS
+    }
+    return min(errors, key=lambda d: (errors[d], -d))
+
+
+def _merged(first: SecondMoments, second: SecondMoments | None) -> SecondMoments:
+    if second is None:
+        return first
+    first.xx, first.xy = first.xx + second.xx, first.xy + second.xy
+    first.yy, first.count = first.yy + second.yy, first.count + second.count
+    return first
 
 
 def _masked_solve(gram, cross, current, mask: np.ndarray, ridge: float) -> np.ndarray:
@@ -234,18 +276,25 @@ def _solve(system: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 def _store(node: ir.Node, matrix: np.ndarray, emitter: Emitter) -> None:
     """Write the fitted ``[features(+1), outputs]`` matrix back in the weight's own layout
     (and its last row, when there is one, into the bias)."""
-    weight = node.inputs[1]
-    shape = tuple(weight.const_value.shape)
-    dtype = weight.const_value.dtype.numpy()
+    weights, intercept = layer_arrays(node, matrix)
+    set_constant(node.inputs[1], weights)
+    if intercept is not None:
+        _store_bias(node, intercept, weights.dtype, emitter)
+
+
+def layer_arrays(node: ir.Node, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ``[features(+1), outputs]`` matrix as the layer's weight, in its own layout and
+    dtype, and the intercept row (None without one), before any Gemm ``beta``."""
+    weight = node.inputs[1].const_value
+    shape, dtype = tuple(weight.shape), weight.dtype.numpy()
     out = weight_axes(node).out
     features = int(np.prod(shape)) // shape[out]
     weights, intercept = matrix[:features], matrix[features:]
     if node.op_type == "Gemm":
         weights = weights / node.attributes.get_float("alpha", 1.0)
     moved = (*shape[:out], *shape[out + 1 :], shape[out])
-    set_constant(weight, np.moveaxis(weights.reshape(moved), -1, out).astype(dtype))
-    if len(intercept):
-        _store_bias(node, intercept[0], dtype, emitter)
+    array = np.moveaxis(weights.reshape(moved), -1, out).astype(dtype)
+    return array, (intercept[0] if len(intercept) else None)
 
 
 def _store_bias(node: ir.Node, values: np.ndarray, dtype, emitter: Emitter) -> None:

@@ -1,6 +1,6 @@
 """Which channels to remove: per group the lowest-scoring share (``ratio``, ``layer_ratios``,
-rounding and floors), or the global ratio whose MACs reach ``target_macs``; never a value left
-without channels. Also the MACs a layer keeps, shared with the report."""
+rounding and floors) or a count chosen for it (``targets``); never a value left without
+channels. Also the share of a layer's MACs left, shared with the targets and the report."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph import Shapes, node_macs
+from onnxcompress.graph import Shapes
 from onnxcompress.passes.base import name_matches
 from onnxcompress.passes.prune.channel_graph import ChannelGraph, Group, pruned_atoms
 
@@ -20,7 +20,6 @@ class Amounts(Protocol):
 
     ratio: float
     layer_ratios: tuple[str, ...]
-    target_macs: float | None
     round_to: int
     min_channels: int
     max_ratio: float
@@ -48,17 +47,23 @@ class Selection:
         self.members = cg.members()
 
     def choose(self, prunable: list[Group], scores: dict[int, float]) -> np.ndarray:
-        """The mask of pruned atoms."""
-        if self.amounts.target_macs is not None:
-            return self._for_macs(prunable, scores)
+        """The mask of pruned atoms at the configured ratios."""
         return self._pruned_at(prunable, scores, None)
 
     def _pruned_at(self, prunable, scores, ratio: float | None) -> np.ndarray:
-        chosen: list[int] = []
+        counts = {}
         for group in prunable:
             share = self._group_ratio(group) if ratio is None else ratio
-            count = self._count_to_remove(group.size, share)
-            for block in group.blocks or [group.channels]:  # grouped conv: evenly per block
+            counts[id(group)] = self.count_to_remove(group.size, share)
+        return self.pruned_with(prunable, scores, counts)
+
+    def pruned_with(self, prunable, scores, counts: dict[int, int]) -> np.ndarray:
+        """The mask that removes ``counts[id(group)]`` of each group's lowest-scoring channels
+        (a grouped conv's evenly from each block)."""
+        chosen: list[int] = []
+        for group in prunable:
+            count = counts.get(id(group), 0)
+            for block in group.blocks or [group.channels]:
                 ranked = sorted(block, key=lambda c: scores[c])
                 chosen.extend(ranked[: count // len(group.blocks or [block])])
         pruned = pruned_atoms(self.cg, chosen)
@@ -71,7 +76,8 @@ class Selection:
                 return ratio
         return self.amounts.ratio
 
-    def _count_to_remove(self, size: int, ratio: float) -> int:
+    def count_to_remove(self, size: int, ratio: float) -> int:
+        """How many of ``size`` channels go at ``ratio``, after rounding and floors."""
         amounts = self.amounts
         keep = size - math.floor(ratio * size + 1e-9)
         keep = max(keep, amounts.min_channels, math.ceil(size * (1 - amounts.max_ratio) - 1e-9))
@@ -85,29 +91,6 @@ class Selection:
                 best = max({self.cg.find(a) for a in cmap.atoms}, key=lambda c: scores[c])
                 pruned[[a for a in self.members[best]]] = False
         return pruned
-
-    def _for_macs(self, prunable, scores) -> np.ndarray:
-        """Bisect a global ratio for the least pruning whose MACs share reaches the target."""
-        total = self._macs_after(np.zeros(len(self.cg.parent), dtype=bool))
-        low, high = 0.0, self.amounts.max_ratio
-        best = self._pruned_at(prunable, scores, high)
-        for _ in range(20):
-            middle = (low + high) / 2
-            pruned = self._pruned_at(prunable, scores, middle)
-            if not total or self._macs_after(pruned) / total <= self.amounts.target_macs:
-                high, best = middle, pruned
-            else:
-                low = middle
-        return best
-
-    def _macs_after(self, pruned: np.ndarray) -> int:
-        """MACs once ``pruned`` is removed: each layer scales with its kept in/out shares."""
-        total = 0
-        for node in self.model.graph:
-            macs = node_macs(node, self.shapes)
-            if macs:
-                total += round(macs * kept_share(self.cg, node, pruned))
-        return total
 
 
 def kept_share(cg: ChannelGraph, node: ir.Node, pruned: np.ndarray) -> float:
