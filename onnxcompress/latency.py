@@ -126,22 +126,32 @@ def kernel_microseconds(model: ir.Model, runs: int = 40, threads: int = 1) -> fl
         return profiled.rounds(runs)[0]
 
 
-def node_times(model: ir.Model, feed, runs: int = 20, threads: int = 1) -> dict[str | None, float]:
-    """Median microseconds per run that onnxruntime spends on each node of ``model``, by node
-    name. A kernel onnxruntime made by fusing or relaying out nodes (a Conv with its Clip, a
-    conv in the blocked NCHWc layout, named after its output) is charged to the node with
-    multiply-adds it grew from; what cannot be traced is summed under ``None``."""
-    with tempfile.TemporaryDirectory(prefix="onnxcompress-latency-") as folder:
-        profiled = _Profiled(model, Path(folder), threads, feed=feed)
-        profiled.run(runs)
-        durations = profiled.durations()
-    producers = {v.name: n for n in model.graph for v in n.outputs if v is not None}
-    names = {n.name for n in model.graph if n.name}
-    times: dict[str | None, float] = defaultdict(float)
-    for kernel, values in durations.items():
-        median = float(np.median(values[_WARM_UP:] or values))
-        times[_origin(kernel, names, producers)] += median
-    return dict(times)
+def node_times(
+    model: ir.Model, feed, runs: int = 20, threads: int = 1
+) -> dict[ir.Node | None, float]:
+    """Median microseconds per run that onnxruntime spends on each node of ``model``. A
+    kernel onnxruntime made by fusing or relaying out nodes (a Conv with its Clip, a conv in
+    the blocked NCHWc layout, named after its output) is charged to the node with
+    multiply-adds it grew from; what cannot be traced is summed under ``None``. Unnamed nodes
+    are named for the profile and given their empty names back."""
+    unnamed = [node for node in model.graph if not node.name]
+    for index, node in enumerate(unnamed):
+        node.name = f"onnxcompress_timed_{index}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnxcompress-latency-") as folder:
+            profiled = _Profiled(model, Path(folder), threads, feed=feed)
+            profiled.run(runs)
+            durations = profiled.durations()
+        producers = {v.name: n for n in model.graph for v in n.outputs if v is not None}
+        by_name = {n.name: n for n in model.graph}
+        times: dict[ir.Node | None, float] = defaultdict(float)
+        for kernel, values in durations.items():
+            median = float(np.median(values[_WARM_UP:] or values))
+            times[_origin(kernel, by_name, producers)] += median
+        return dict(times)
+    finally:
+        for node in unnamed:
+            node.name = ""
 
 
 _FUSED_SUFFIXES = ("_nchwc",)
@@ -151,10 +161,10 @@ _FOLDED_INTO_PRODUCER = frozenset(
 )
 
 
-def _origin(kernel: str, names: set[str], producers: dict[str, ir.Node]) -> str | None:
+def _origin(kernel: str, by_name: dict[str, ir.Node], producers) -> ir.Node | None:
     """The node a profiled kernel stands for: itself, or the MAC node its output grew from."""
-    if kernel in names:
-        return kernel
+    if kernel in by_name:
+        return by_name[kernel]
     for suffix in _FUSED_SUFFIXES:
         kernel = kernel.removesuffix(suffix)
     node = producers.get(kernel)
@@ -164,7 +174,7 @@ def _origin(kernel: str, names: set[str], producers: dict[str, ir.Node]) -> str 
         feeding = [producers.get(v.name) for v in node.inputs if v is not None]
         macs = [n for n in feeding if n is not None and n.op_type in _MAC_OPS]
         node = macs[0] if macs else (feeding[0] if len(feeding) == 1 else None)
-    return node.name if node is not None and node.name else None
+    return node
 
 
 _MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})

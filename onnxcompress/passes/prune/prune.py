@@ -40,6 +40,8 @@ REPAIR = ("auto", "lstsq", "bias", "none")
 #: A latency target counts as met within this factor: side-by-side timings on a shared
 #: machine still move by a percent or two from run to run.
 TIMING_TOLERANCE = 1.02
+#: Allocations timed at most for a latency target, each goal corrected by the last timing.
+TIMED_ROUNDS = 3
 CHANNEL_ORDERS = ("auto", "reconstruction", *IMPORTANCE)
 LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -125,10 +127,11 @@ class _FilterPruning:
         self, config, model: ir.Model, ctx: PassContext, report: PassReport, emitter: Emitter
     ) -> None:
         self.config, self.model, self.ctx, self.report = config, model, ctx, report
+        self.name = emitter.pass_name
         self.emitter = emitter
         self.cg: ChannelGraph = build(model.graph, ctx.shapes)
         self.groups = self.cg.groups()
-        self.plan = None  # with a target: (kind, value, Costs, Plan)
+        self.plan = None  # with a target: (kind, value, Plan)
 
     def run(self) -> None:
         problems = {id(g): self._group_problem(g) for g in self.groups}
@@ -150,15 +153,14 @@ class _FilterPruning:
         if self.plan is not None:
             self._report_target(*self.plan)
 
-    def _report_target(self, kind: str, value: float, costs: Costs, plan) -> None:
+    def _report_target(self, kind: str, value: float, plan) -> None:
         """The allocation, what it predicts, and for latency the measured speed-up; a target
         not reached is a miss the pipeline refuses."""
         report = self.report
         report.allocation = plan.rows
         predicted = plan.total_cost / max(plan.predicted_cost, 1e-12)
         if kind == "latency":
-            self._progress("prune: timing the pruned model beside the original")
-            measured = costs.measured_speedup(self.model)
+            measured = plan.measured
             report.notes.append(
                 f"target_latency={value}: predicted {predicted:.2f}x, measured {measured:.2f}x "
                 "faster (onnxruntime kernel time, 1 thread, batch 1, side by side)"
@@ -218,13 +220,49 @@ class _FilterPruning:
         if not ctx.calibration:
             raise BadData("prune: a target needs calibration data to weigh the channel groups")
         costs = Costs(kind, self.model, ctx.shapes, self.cg, ctx.calibration[0])
-        planner = Planner(selection, self.cg, costs, scores)
-        self._progress(f"prune: probing {len(weighed)} channel groups")
-        options = planner.options(self.model, weighed, ctx.calibration, self._macs_per_sample())
-        goal = costs.total / (value * LATENCY_MARGIN) if kind == "latency" else costs.total * value
-        plan, pruned = planner.allocate(prunable, options, goal)
-        self.plan = (kind, value, costs, plan)
+        try:
+            planner = Planner(selection, self.cg, costs, scores)
+            self._progress(f"prune: probing {len(weighed)} channel groups")
+            samples = self._macs_per_sample()
+            options = planner.options(self.model, weighed, ctx.calibration, samples)
+            if kind == "latency":
+                plan, pruned = self._timed_plan(planner, prunable, options, costs, value)
+            else:
+                plan, pruned = planner.allocate(prunable, options, costs.total * value)
+        finally:
+            costs.close()
+        self.plan = (kind, value, plan)
         return pruned
+
+    def _timed_plan(self, planner: Planner, prunable, options, costs: Costs, value: float):
+        """Allocate, prune a copy, time it beside the original, and correct the goal by what
+        the timing showed (the profile's prediction misses by a few percent either way, and
+        overshooting costs accuracy); the plan with the least predicted error that meets the
+        target, else the fastest."""
+        goal = costs.total / (value * LATENCY_MARGIN)
+        tried = []
+        for _ in range(TIMED_ROUNDS):
+            plan, pruned = planner.allocate(prunable, options, goal)
+            self._progress("prune: timing a pruned copy beside the original")
+            plan.measured = costs.measured_speedup(self._pruned_copy(pruned))
+            tried.append((plan, pruned))
+            if value <= plan.measured * TIMING_TOLERANCE <= value * 1.05:
+                break
+            goal *= plan.measured / (value * LATENCY_MARGIN)
+        meets = [t for t in tried if t[0].measured * TIMING_TOLERANCE >= value]
+        if meets:
+            return min(meets, key=lambda t: t[0].predicted_error)
+        return max(tried, key=lambda t: t[0].measured)
+
+    def _pruned_copy(self, pruned: np.ndarray) -> ir.Model:
+        """The model with ``pruned`` removed and no repair (it runs as fast as the repaired
+        one): a clone sharing the unchanged weights, walked again (the same atoms)."""
+        trial = self.model.clone()
+        graph = build(trial.graph, self.ctx.shapes)
+        if len(graph.parent) != len(self.cg.parent):
+            raise AssertionError("the channel walk of a clone differs from the model's")
+        apply(graph, pruned, Emitter(trial, self.name))
+        return trial
 
     def _macs_per_sample(self) -> float:
         first = next(iter(self.ctx.calibration[0].values()), None)

@@ -60,6 +60,7 @@ class Plan:
     predicted_cost: float = 0.0  # the cost (µs, MACs, params) once pruned
     total_cost: float = 0.0  # before
     predicted_error: float = 0.0  # the probes' errors summed
+    measured: float | None = None  # a latency target's side-by-side speed-up
     rows: list[dict] = field(default_factory=list)  # the allocation, per group, for the report
 
 
@@ -76,7 +77,7 @@ class Costs:
             # the model as it was, for a side-by-side timing once it is pruned
             self._before = tempfile.TemporaryDirectory(prefix="onnxcompress-prune-")
             save(model, Path(self._before.name) / "before.onnx", external_data=True)
-            self.cost = np.array([times.get(n.name, 0.0) for n in self.nodes])
+            self.cost = np.array([times.get(n, 0.0) for n in self.nodes])
             self.fixed = sum(times.values()) - float(self.cost.sum())
         elif kind == "macs":
             self.cost = np.array([float(node_macs(n, shapes)) for n in self.nodes])
@@ -94,9 +95,10 @@ class Costs:
         """How many times faster the pruned model runs than the model before, side by side
         (onnxruntime kernel time, one thread, batch 1)."""
         before = str(Path(self._before.name) / "before.onnx")
-        try:
-            return speedup(before, pruned_model, feed=self.feed)
-        finally:
+        return speedup(before, pruned_model, feed=self.feed)
+
+    def close(self) -> None:
+        if self._before is not None:
             self._before.cleanup()
 
 
