@@ -39,7 +39,7 @@ from onnxcompress import Options, compress, save  # noqa: E402
 from onnxcompress.report import table  # noqa: E402
 from onnxcompress.validate import Runner, measure_latency  # noqa: E402
 
-TARGETS = ["prune:target_latency=1.3,round_to=8", "prune:target_latency=1.15,round_to=8"]
+TARGETS = ["prune:target_latency=1.3", "prune:target_latency=1.15", "prune:target_macs=0.75"]
 UNIFORM = "prune:ratio=0.25,importance=l1,damping=0.1,round_to=8"
 
 
@@ -65,7 +65,11 @@ def child(setting: str, source: Path, data: Path, output: Path) -> tuple[float, 
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     lines = done.stderr.strip().splitlines()
     fields = dict(item.split("=") for item in lines[-1].split())
-    notes = [line.strip() for line in done.stdout.splitlines() if "target_latency" in line]
+    notes = [
+        line.strip().removeprefix("note: ")
+        for line in done.stdout.splitlines()
+        if line.strip().startswith("note: target_")
+    ]
     missed = [line for line in lines if "gate missed" in line]
     return int(fields["peak_kb"]) / 1024, float(fields["seconds"]), "; ".join(notes + missed)
 
@@ -97,7 +101,7 @@ def lite1_rows(runs: int, folder: Path) -> list[list[str]]:
                     f"{(top == float_top[index]).mean():.2f}",
                     f"{one:.2f} / {every:.2f}",
                     f"{seconds:.0f} s / {peak:.0f} MB",
-                    notes.replace("target_latency=", "")[:70],
+                    notes[:90],
                 ]
             )
             print("  done:", rows[-1][:2], file=sys.stderr)
@@ -145,11 +149,11 @@ def other_rows(key: str, runs: int, folder: Path) -> list[list[str]]:
             model, report = compress(
                 str(source), [setting], calibration, options=Options(validate=False)
             )
-            notes = [n for n in report.passes[0].notes if "target_" in n]
+            notes = [n for n in report.passes[0].notes if n.startswith("target_")]
         except Exception as exc:  # a refused target: its figures are in the message
             model, notes = getattr(exc, "model", None), [str(exc)]
         if model is None:
-            rows.append([key, setting, "-", "-", "-", "-", notes[0][:70]])
+            rows.append([key, setting, "-", "-", "-", "-", notes[0][:90]])
             continue
         save(model, output)
         seconds = time.perf_counter() - start
@@ -163,7 +167,7 @@ def other_rows(key: str, runs: int, folder: Path) -> list[list[str]]:
                 "-",
                 f"{one:.2f} / {every:.2f}",
                 f"{seconds:.0f} s",
-                "; ".join(notes).replace("target_latency=", "")[:70],
+                "; ".join(notes)[:90],
             ]
         )
         print("  done:", key, setting, file=sys.stderr)

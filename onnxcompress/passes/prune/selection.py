@@ -20,7 +20,7 @@ class Amounts(Protocol):
 
     ratio: float
     layer_ratios: tuple[str, ...]
-    round_to: int
+    rounding: int  # kept channels: a multiple of this
     min_channels: int
     max_ratio: float
 
@@ -81,7 +81,7 @@ class Selection:
         amounts = self.amounts
         keep = size - math.floor(ratio * size + 1e-9)
         keep = max(keep, amounts.min_channels, math.ceil(size * (1 - amounts.max_ratio) - 1e-9))
-        keep = math.ceil(keep / amounts.round_to) * amounts.round_to
+        keep = math.ceil(keep / amounts.rounding) * amounts.rounding
         return max(0, size - min(keep, size))
 
     def _keep_every_value_alive(self, pruned: np.ndarray, scores) -> np.ndarray:

@@ -160,3 +160,20 @@ def test_reconstruction_order_keeps_the_cnn_closer_than_filter_norms():
         )
         errors[order] = output_error(source, ir.to_proto(model), held)
     assert errors["reconstruction"] < errors["l1"], errors
+
+
+def test_ultraface_macs_target_spares_the_sensitive_groups(real):
+    """A real detector: the MACs target is met, the allocation differs from group to group
+    (not one ratio), and the held-out photos' outputs stay close."""
+    from fixtures.photos import ultraface_feeds
+    from tests.passes.prune.measures import output_error
+
+    feeds = ultraface_feeds(real)
+    source = str(real / "ultraface_rfb320.onnx")
+    model, report = compress(
+        source, ["prune:target_macs=0.7,round_to=8"], feeds[:4], options=NO_VALIDATE
+    )
+    assert report.after.macs <= 0.7 * report.before.macs
+    kept_shares = {row["kept"] / row["channels"] for row in report.passes[0].allocation}
+    assert 1.0 in kept_shares and len(kept_shares) > 2
+    assert output_error(onnx.load(source), ir.to_proto(model), feeds[6:]) < 0.1
