@@ -42,6 +42,8 @@ class ProbeSession:
             for value in model.graph.inputs
         )
         self.feeds = probe_feeds(feeds, samples, cut=not fixed)
+        if not fixed:  # one sample a run: the session's arena stays that of batch 1
+            self.feeds = [one for feed in self.feeds for one in _samples_of(feed)]
         fed = list({id(v): v for v in values}.values())
         with overridable(model, fed):
             self.runner = Runner(model, label)
@@ -92,6 +94,15 @@ def probe_feeds(feeds: Sequence[Feed], wanted: int, cut: bool) -> list[Feed]:
         if samples >= wanted:
             break
     return chosen
+
+
+def _samples_of(feed: Feed) -> list[Feed]:
+    """A feed as feeds of one sample each, when its inputs share a leading axis."""
+    lengths = {len(a) if np.ndim(a) else None for a in feed.values()}
+    length = lengths.pop() if len(lengths) == 1 else None
+    if length is None or length <= 1:
+        return [feed]
+    return [{name: array[i : i + 1] for name, array in feed.items()} for i in range(length)]
 
 
 @contextmanager

@@ -206,15 +206,20 @@ class _FilterPruning:
         scores = channel_scores(self.cg, base, config.aggregate, self.model, ctx.calibration)
         selection = Selection(config, self.cg, self.model, ctx.shapes)
         weighed = self._weighed(prunable)
-        targets = config.targets()
-        if not targets:
+        try:
+            targets = config.targets()
+            if targets:
+                return self._for_target(*targets.items(), prunable, selection, scores, weighed)
             for entry in weighed:
                 if entry.problem is None:
                     order = removal_order(entry.sinks, entry.group.size, [])
                     for rank, index in enumerate(order):
                         scores[entry.group.channels[index]] = float(rank)
             return selection.choose(prunable, scores)
-        return self._for_target(*targets.items(), prunable, selection, scores, weighed)
+        finally:  # the Grams (80 MB on Lite1) are not needed past the choice
+            for entry in weighed:
+                for sink in entry.sinks:
+                    sink.moments = None
 
     def _weighed(self, prunable: list[Group]) -> list[GroupSinks]:
         """The groups with their sinks' input Grams, when channels go by reconstruction;
