@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.calibration import Feed
+from onnxcompress.graph import model_macs
 from onnxcompress.runner import Runner
 
 #: Samples the probes run on (the first calibration feeds that hold this many): as many as
@@ -70,6 +71,14 @@ class ProbeSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def macs_per_sample(model: ir.Model, shapes, feeds: Sequence[Feed] | None) -> float:
+    """Multiply-adds of one sample: the model's at the resolved shapes, over the batch of
+    the first feed."""
+    first = next(iter(feeds[0].values()), None) if feeds else None
+    batch = len(first) if first is not None and np.ndim(first) else 1
+    return model_macs(model, shapes) / max(batch, 1)
 
 
 def probe_samples(macs_per_sample: float, budget: float = PROBE_MACS) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.errors import CannotRun
-from onnxcompress.graph import model_macs, output_bias, stripped_proto, weight_array
+from onnxcompress.graph import output_bias, stripped_proto, weight_array
 from onnxcompress.passes.base import PassContext, PassReport
 from onnxcompress.passes.codebook.allocate import (
     Choice,
@@ -27,7 +27,7 @@ from onnxcompress.passes.codebook.data_aware import InputStats, input_power
 from onnxcompress.passes.codebook.fit import quantized_rows
 from onnxcompress.passes.codebook.layout import ChannelLayout, channel_axis
 from onnxcompress.passes.codebook.sensitivity import PROBE_BITS, output_gains
-from onnxcompress.probes import probe_samples
+from onnxcompress.probes import macs_per_sample, probe_samples
 from onnxcompress.stats import output_shift
 
 
@@ -119,7 +119,7 @@ def _gains(model, chosen, stats, ctx: PassContext, report: PassReport) -> dict[s
     biases = {v.name: _probe_bias(v, stats) for v in chosen}
     biases = {name: bias for name, bias in biases.items() if bias is not None}
     probe = functools.partial(_probe, stats=stats, biases=biases)
-    samples = probe_samples(_macs_per_sample(model, ctx))
+    samples = probe_samples(macs_per_sample(model, ctx.shapes, ctx.calibration))
     try:
         fed = list(biases.values())
         gains = output_gains(model, chosen, probe, ctx.calibration, fed, samples)
@@ -131,14 +131,6 @@ def _gains(model, chosen, stats, ctx: PassContext, report: PassReport) -> dict[s
         f"gain to the outputs (measured on {samples} samples)"
     )
     return gains
-
-
-def _macs_per_sample(model: ir.Model, ctx: PassContext) -> float:
-    """Multiply-adds of one sample: the model's at the resolved shapes, over the batch of
-    the first feed."""
-    first = next(iter(ctx.calibration[0].values()), None) if ctx.calibration else None
-    batch = len(first) if first is not None and np.ndim(first) else 1
-    return model_macs(model, ctx.shapes) / max(batch, 1)
 
 
 def _probe(

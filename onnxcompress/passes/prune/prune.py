@@ -36,6 +36,7 @@ from onnxcompress.passes.prune.reconstruction import (
 from onnxcompress.passes.prune.repair import REFIT_OPTION_RULES, RefitResult, Target, refit
 from onnxcompress.passes.prune.selection import Selection, kept_share, parse_layer_ratio
 from onnxcompress.passes.prune.targets import LATENCY_MARGIN, Costs, Planner
+from onnxcompress.probes import macs_per_sample
 from onnxcompress.validate import Runner
 
 logger = logging.getLogger(__name__)
@@ -248,8 +249,8 @@ class _FilterPruning:
         try:
             planner = Planner(selection, self.cg, costs, scores)
             self._progress(f"prune: probing {len(weighed)} channel groups")
-            samples = self._macs_per_sample()
-            options = planner.options(self.model, weighed, ctx.calibration, samples)
+            macs = macs_per_sample(self.model, ctx.shapes, ctx.calibration)
+            options = planner.options(self.model, weighed, ctx.calibration, macs)
             if kind == "latency":
                 plan, pruned = self._timed_plan(planner, prunable, options, costs, value)
             else:
@@ -302,11 +303,6 @@ class _FilterPruning:
             raise AssertionError("the channel walk of a clone differs from the model's")
         apply(graph, pruned, Emitter(trial, self.name))
         return trial
-
-    def _macs_per_sample(self) -> float:
-        first = next(iter(self.ctx.calibration[0].values()), None)
-        batch = len(first) if first is not None and np.ndim(first) else 1
-        return sum(node_macs(n, self.ctx.shapes) or 0 for n in self.model.graph) / max(batch, 1)
 
     def _progress(self, message: str) -> None:
         if self.ctx.progress is not None:
