@@ -70,7 +70,7 @@ class _Profiled:
     input of static shape, seeded noise."""
 
     def __init__(
-        self, model: ir.Model | str, folder: Path, threads: int, seed: int = 0, feed=None
+        self, model: ir.Model, folder: Path, threads: int, seed: int = 0, feed=None
     ) -> None:
         if feed is None:
             (x,) = model.graph.inputs
@@ -87,8 +87,9 @@ class _Profiled:
         self.optimized = folder / "optimized.onnx"
         options.optimized_model_filepath = str(self.optimized)
         try:
-            source = model if isinstance(model, str) else ir.to_proto(model).SerializeToString()
-            self.session = ort.InferenceSession(source, options, ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                ir.to_proto(model).SerializeToString(), options, ["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise CannotRun(f"onnxruntime cannot time the layer: {exc}".splitlines()[0]) from None
         self.run(_WARM_UP)
@@ -204,21 +205,14 @@ def _kernel_durations(events: list[dict], skip: set[str]) -> dict[str, list[floa
     return durations
 
 
-def speedup(
-    before: ir.Model | str,
-    after: ir.Model | str,
-    runs: int = 40,
-    rounds: int = 3,
-    feed=None,
-) -> float:
-    """How many times faster ``after`` runs than ``before`` (models or files), fed ``feed``
-    (default: noise): the best of ``rounds`` alternating rounds on one session each, so a
-    burst of load on a shared machine hits both alike."""
+def speedup(before: ir.Model, after: ir.Model, runs: int = 40, rounds: int = 3) -> float:
+    """How many times faster ``after`` runs than ``before``: the best of ``rounds`` alternating
+    rounds on one session each, so a burst of load on a shared machine hits both alike."""
     with tempfile.TemporaryDirectory(prefix="onnxcompress-latency-") as folder:
         sessions = []
         for label, model in (("before", before), ("after", after)):
             (Path(folder) / label).mkdir()
-            sessions.append(_Profiled(model, Path(folder) / label, threads=1, feed=feed))
+            sessions.append(_Profiled(model, Path(folder) / label, threads=1))
         for _ in range(rounds):
             for session in sessions:
                 session.run(runs)

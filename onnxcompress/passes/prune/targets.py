@@ -15,10 +15,8 @@ theirs when that is where the error comes from.
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -26,7 +24,6 @@ import onnx_ir as ir
 from onnxcompress.calibration import Feed
 from onnxcompress.graph import node_macs
 from onnxcompress.latency import node_times
-from onnxcompress.model_io import save
 from onnxcompress.passes.prune.channel_graph import ChannelGraph, Group, pruned_atoms
 from onnxcompress.passes.prune.reconstruction import GroupSinks, removal_order
 from onnxcompress.passes.prune.selection import Selection, kept_share
@@ -76,12 +73,13 @@ class Costs:
         self.cg = cg
         self.nodes = [n for n in model.graph if node_macs(n, shapes)]
         self.feed = single_sample(model, feed)
-        self._before: tempfile.TemporaryDirectory | None = None
+        self._before: Runner | None = None
         if kind == "latency":
             times = node_times(model, self.feed)
-            # the model as it was, for a side-by-side timing once it is pruned
-            self._before = tempfile.TemporaryDirectory(prefix="onnxcompress-prune-")
-            save(model, Path(self._before.name) / "before.onnx", external_data=True)
+            # the model as it was, for side-by-side timings once pruned copies exist (its
+            # session opens at the first timing, after the probes' session has closed)
+            self._before = Runner(model, "model before pruning", threads=1)
+            self._before.release()
             self.cost = np.array([times.get(n, 0.0) for n in self.nodes])
             self.fixed = sum(times.values()) - float(self.cost.sum())
         elif kind == "macs":
@@ -100,20 +98,16 @@ class Costs:
         """How many times faster the pruned model runs than the model before: the wall clock
         a user sees (one thread, batch 1), median of interleaved runs, about 1.5 s each."""
         runs = int(np.clip(1.5e6 / max(self.total, 1.0), 20, 200))
-        before = Runner(str(Path(self._before.name) / "before.onnx"), "model before", threads=1)
+        after = Runner(pruned_model, "pruned model", threads=1)
         try:
-            after = Runner(pruned_model, "pruned model", threads=1)
-            try:
-                old, new = measure_latency([before, after], self.feed, runs)
-            finally:
-                after.close()
+            old, new = measure_latency([self._before, after], self.feed, runs)
         finally:
-            before.close()
+            after.close()
         return old / new if new > 0 else math.inf
 
     def close(self) -> None:
         if self._before is not None:
-            self._before.cleanup()
+            self._before.close()
 
 
 class Planner:
