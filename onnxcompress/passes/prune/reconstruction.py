@@ -93,14 +93,15 @@ def group_sinks(cg: ChannelGraph, groups: Sequence[Group]) -> list[GroupSinks]:
             entry = found[gi]
             if entry.problem:
                 continue
-            try:
-                sink = sinks.get((gi, id(fix.node))) or _new_sink(fix.node, entry.group.size)
-            except NotRefittable as why:
-                entry.problem = f"{fix.node.name or fix.node.op_type}: {why}"
-                continue
-            if (gi, id(fix.node)) not in sinks:
-                sinks[(gi, id(fix.node))] = sink
-                entry.sinks.append(sink)
+            key = (gi, id(fix.node))
+            if key not in sinks:
+                try:
+                    sinks[key] = _new_sink(fix.node, entry.group.size)
+                except NotRefittable as why:
+                    entry.problem = f"{fix.node.name or fix.node.op_type}: {why}"
+                    continue
+                entry.sinks.append(sinks[key])
+            sink = sinks[key]
             per_position = _features_per_position(fix.node)
             for position, root in enumerate(roots):
                 if owner.get(root, (None,))[0] == gi:
