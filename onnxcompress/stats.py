@@ -148,10 +148,12 @@ class ChannelMean:
         self.count = 0
 
     def add(self, array: np.ndarray) -> None:
-        moved = np.moveaxis(array, self.axis, -1).astype(np.float64)
-        rows = moved.reshape(-1, moved.shape[-1])
-        self.total = rows.sum(0) if self.total is None else self.total + rows.sum(0)
-        self.count += len(rows)
+        axis = self.axis % array.ndim
+        others = tuple(i for i in range(array.ndim) if i != axis)
+        # summed in place, in float64: no channel-last copy of the activation
+        total = array.sum(axis=others, dtype=np.float64)
+        self.total = total if self.total is None else self.total + total
+        self.count += array.size // max(array.shape[axis], 1)
 
     @property
     def mean(self) -> np.ndarray | None:

@@ -13,15 +13,13 @@ from onnxcompress.calibration import Feed
 from onnxcompress.emit import Emitter
 from onnxcompress.errors import CannotRun
 from onnxcompress.graph import is_pointwise_conv, weight_axes
-from onnxcompress.stats import ChannelMean, SecondMoments, captured, captured_parts, output_shift
+from onnxcompress.stats import ChannelMean, SecondMoments, captured_parts, output_shift
 
 #: Gram matrices are kept for inputs up to this many features, and this many bytes in all.
 MAX_GRAM_FEATURES = 4096
 GRAM_BUDGET_BYTES = 128 << 20  # counted as two float64 sums while they are gathered
 #: A pointwise conv's Gram matrix takes at most this many pixels of each sample.
 GRAM_ROWS = 1024
-#: Fully connected inputs are captured whole feeds at a time, this many bytes of them per feed.
-FEED_GROUP_BYTES = 64 << 20
 _LABEL = "model for calibration statistics"
 
 
@@ -48,23 +46,35 @@ class _Accumulator:
         self.squares = ChannelMean(axis=1 if conv else -1)
         self.halves = None  # Σ x xᵀ of alternate samples (or rows), kept apart
         if want_gram:
-            self.halves = (SecondMoments(intercept=False), SecondMoments(intercept=False))
+            self.halves = (_BufferedGram(), _BufferedGram())
         self.turn = 0
 
     def add(self, activation: np.ndarray) -> None:
         self.channels.add(activation)
-        self.squares.add(np.square(activation, dtype=np.float64))
+        self.squares.add(np.square(activation))  # summed in float64
         if self.halves is not None:
-            features = np.moveaxis(activation, 1, -1) if self.conv else activation
-            rows = features.reshape(-1, features.shape[-1])
-            if self.conv and len(rows) > GRAM_ROWS:  # pixels of one image are much alike
-                rows = rows[self.rng.choice(len(rows), GRAM_ROWS, replace=False)]
+            rows = (
+                self._pixels(activation)
+                if self.conv
+                else activation.reshape(-1, activation.shape[-1])
+            )
             if self.conv:  # a sample at a time: the halves alternate by sample
                 self.halves[self.turn].add(rows)
                 self.turn = 1 - self.turn
-            else:  # a feed at a time: by row
-                self.halves[0].add(rows[0::2])
-                self.halves[1].add(rows[1::2])
+            else:  # by row, alternating across parts (a part may hold a single row)
+                for half, share in ((self.turn, rows[0::2]), (1 - self.turn, rows[1::2])):
+                    if len(share):
+                        self.halves[half].add(share)
+                self.turn = (self.turn + len(rows)) % 2
+
+    def _pixels(self, activation: np.ndarray) -> np.ndarray:
+        """A conv input's pixels as rows [P, C], at most ``GRAM_ROWS`` of them (the pixels
+        of one image are much alike), picked before anything is copied."""
+        channels = activation.shape[1]
+        columns = np.moveaxis(activation, 1, 0).reshape(channels, -1)  # a view for one sample
+        if columns.shape[1] > GRAM_ROWS:
+            columns = columns[:, self.rng.choice(columns.shape[1], GRAM_ROWS, replace=False)]
+        return columns.T
 
     def finish(self) -> InputStats:
         mean = self.channels.mean
@@ -72,13 +82,40 @@ class _Accumulator:
             raise RuntimeError(f"internal: no calibration batch reached {self.node.name}")
         gram = halves = None
         if self.halves is not None:
-            filled = [half for half in self.halves if half.count]
+            filled = [half.moments() for half in self.halves if half.rows]
             total = sum(half.xx for half in filled)
             gram = (total / sum(half.count for half in filled)).astype(np.float32)
             if len(filled) == 2:
-                halves = tuple(_shrunk(half).astype(np.float32) for half in self.halves)
+                halves = tuple(_shrunk(half).astype(np.float32) for half in filled)
             self.halves = None
         return InputStats(self.node, mean, gram, self.squares.mean, halves)
+
+
+class _BufferedGram:
+    """Σ x xᵀ of rows that come a few at a time (one pixel sample, one fully connected row):
+    held until they are as many as the features, then multiplied at once, so that the
+    [D, D] sum is touched once per D rows, not once per sample. Products in float32 (half
+    the time), sums in float64."""
+
+    def __init__(self) -> None:
+        self.sums = SecondMoments(intercept=False, product_dtype=np.float32)
+        self.pending: list[np.ndarray] = []
+        self.rows = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        self.pending.append(np.array(rows, np.float32))  # a copy: the part's arrays go
+        self.rows += len(rows)
+        if sum(len(block) for block in self.pending) >= rows.shape[1]:
+            self._flush()
+
+    def moments(self) -> SecondMoments:
+        self._flush()
+        return self.sums
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.sums.add(np.concatenate(self.pending))
+            self.pending = []
 
 
 def _shrunk(moments: SecondMoments) -> np.ndarray:
@@ -95,59 +132,21 @@ def collect_stats(
     """Input statistics of every layer whose weight is in ``weights``, over ``feeds``, by
     weight name; and notes for the report.
 
-    Conv inputs fold a sample at a time (``captured_parts``). Fully connected inputs fold a
-    whole feed at a time, as their Gram matrix always has (a least-squares refit would carry
-    the last bits of sums taken in another order into the codewords), in groups of at most
-    ``FEED_GROUP_BYTES`` of values per feed (sizes seen in the first sweep)."""
+    Inputs fold a sample at a time as one sweep runs (``captured_parts``)."""
     if not feeds:
         return {}, ["data_aware: no calibration feeds, nothing refined"]
     layers = _accumulators(weights, with_gram)
     if not layers:
         return {}, ["data_aware: no Conv/Gemm/MatMul weight with a single use to refine"]
+    inputs = list(dict.fromkeys(layer.input for layer in layers.values()))
     try:
-        sample_bytes = _fold_parts(model, list(layers.values()), feeds)
-        _fold_whole_feeds(model, [a for a in layers.values() if not a.conv], feeds, sample_bytes)
+        for _, activations in captured_parts(model, inputs, feeds, _LABEL):
+            for layer in layers.values():
+                layer.add(activations[layer.input])
     except CannotRun as exc:
         return {}, [f"data_aware: statistics failed ({exc}); nothing refined"]
     stats = {name: layer.finish() for name, layer in layers.items()}
     return stats, [f"data_aware: statistics of {len(stats)} layer input(s) on {len(feeds)} feed(s)"]
-
-
-def _fold_parts(model: ir.Model, layers: list[_Accumulator], feeds) -> dict[str, int]:
-    """Fold the conv inputs a sample at a time; return the bytes a sample of each input takes."""
-    sample_bytes: dict[str, int] = {}
-    for _, activations in captured_parts(model, [a.input for a in layers], feeds, _LABEL):
-        for layer in layers:
-            value = activations[layer.input]
-            sample_bytes[layer.input] = value.nbytes // (len(value) if value.ndim else 1)
-            if layer.conv:
-                layer.add(value)
-    return sample_bytes
-
-
-def _fold_whole_feeds(model: ir.Model, layers: list[_Accumulator], feeds, sample_bytes) -> None:
-    first = next(iter(feeds[0].values()))
-    samples = len(first) if np.ndim(first) else 1
-    for group in _feed_groups(layers, sample_bytes, samples):
-        for activations in captured(model, [layer.input for layer in group], feeds, _LABEL):
-            for layer in group:
-                layer.add(activations[layer.input])
-
-
-def _feed_groups(
-    layers: list[_Accumulator], sample_bytes: dict[str, int], samples: int
-) -> list[list[_Accumulator]]:
-    """``layers`` in groups whose inputs take at most ``FEED_GROUP_BYTES`` per feed."""
-    groups: list[list[_Accumulator]] = []
-    room = 0
-    for layer in layers:
-        size = sample_bytes.get(layer.input, 0) * samples
-        if not groups or size > room:
-            groups.append([])
-            room = FEED_GROUP_BYTES
-        groups[-1].append(layer)
-        room -= size
-    return groups
 
 
 def _accumulators(weights: list[ir.Value], with_gram: bool) -> dict[str, _Accumulator]:
