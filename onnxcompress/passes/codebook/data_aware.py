@@ -20,6 +20,8 @@ MAX_GRAM_FEATURES = 4096
 GRAM_BUDGET_BYTES = 128 << 20  # counted as two float64 sums while they are gathered
 #: A pointwise conv's Gram matrix takes at most this many pixels of each sample.
 GRAM_ROWS = 1024
+#: Rows of a Gram matrix held before they are multiplied (see ``_BufferedGram``).
+PENDING_ROWS = 256
 _LABEL = "model for calibration statistics"
 
 
@@ -93,9 +95,10 @@ class _Accumulator:
 
 class _BufferedGram:
     """Σ x xᵀ of rows that come a few at a time (one pixel sample, one fully connected row):
-    held until they are as many as the features, then multiplied at once, so that the
-    [D, D] sum is touched once per D rows, not once per sample. Products in float32 (half
-    the time), sums in float64."""
+    held until they are as many as the features (``PENDING_ROWS`` at most, so that the rows
+    held for all layers at once stay a few MB), then multiplied at once: the [D, D] sum is
+    touched once per D rows, not once per sample. Products in float32 (half the time), sums
+    in float64."""
 
     def __init__(self) -> None:
         self.sums = SecondMoments(intercept=False, product_dtype=np.float32)
@@ -105,7 +108,7 @@ class _BufferedGram:
     def add(self, rows: np.ndarray) -> None:
         self.pending.append(np.array(rows, np.float32))  # a copy: the part's arrays go
         self.rows += len(rows)
-        if sum(len(block) for block in self.pending) >= rows.shape[1]:
+        if sum(len(block) for block in self.pending) >= min(rows.shape[1], PENDING_ROWS):
             self._flush()
 
     def moments(self) -> SecondMoments:
