@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from onnxcompress.calibration import Feed, synthetic_feeds
 from onnxcompress.emit import Emitter
-from onnxcompress.errors import BadData
+from onnxcompress.errors import BadData, CannotRun
 from onnxcompress.graph import default_opset, node_label, weight_axes
 from onnxcompress.passes.base import (
     CompressionPass,
@@ -60,6 +60,7 @@ from onnxcompress.passes.quant.ranges import (
     collect,
     zero_inclusive,
 )
+from onnxcompress.passes.quant.saturation import int8_products_saturate
 from onnxcompress.passes.quant.sensitivity import layer_sensitivity
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class Qdq(CompressionPass):
         bias_correction: bool | None = None
         sensitivity: bool = False  # per weighted layer: output error with it alone quantized
         keep_float: int = 0  # mixed precision: the N most sensitive weighted layers stay float
+        # 7-bit weights (±63): None (auto) when this machine's onnxruntime clips the sum of two
+        # 8-bit products (x86-64 without VNNI); true for such a deployment target
+        reduce_range: bool | None = None
 
         def __post_init__(self) -> None:
             unknown = sorted(set(self.op_types) - SUPPORTED_OP_TYPES)
@@ -128,6 +132,7 @@ class Qdq(CompressionPass):
             if cfg.bias_correction is not None
             else bool(ctx.calibration) and not ctx.synthetic_calibration
         )
+        self._weight_levels = self._levels(report)
         if cfg.fold_batchnorm:
             folded = fold_batchnorms(model, emitter)
             if folded:
@@ -164,6 +169,22 @@ class Qdq(CompressionPass):
         report.layers.extend(layers)
         model.graph.sort()
         return report
+
+    def _levels(self, report: PassReport) -> int:
+        """Weight levels either side of zero: 127, or 63 with ``reduce_range``."""
+        reduce = self.config.reduce_range
+        if reduce is None:
+            try:
+                reduce = int8_products_saturate(self.config.activation_type)
+            except CannotRun as exc:
+                report.notes.append(f"{exc}: weights keep 8 bits")
+                reduce = False
+            if reduce:
+                report.notes.append(
+                    "weights in 7 bits (reduce_range): onnxruntime on this CPU clips the sum of "
+                    "two 8-bit products (x86-64 without VNNI); reduce_range=false for a VNNI target"
+                )
+        return 63 if reduce else 127
 
     def _float32_only(self, planned, stats, report) -> tuple[list[ir.Node], set[str]]:
         """Only float32 activations get a Q/DQ pair: a node that reads or makes anything else
@@ -279,7 +300,7 @@ class Qdq(CompressionPass):
         channels = None if axis is None else array.shape[axis]
         int32_bias = bias is not None and int32_bias_ok(node, bias, channels)
         floor = _bias_floor_for(bias, input_params) if int32_bias else None
-        quantized, scales = quantize_symmetric(array, axis, floor=floor)
+        quantized, scales = quantize_symmetric(array, axis, self._weight_levels, floor)
         restored = dequantize(quantized, scales, axis)
         detail: dict = {"axis": axis, "input_scale": float(f"{input_params.scale:.4g}")}
         if floor is not None and np.any(scales == floor):

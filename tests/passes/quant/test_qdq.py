@@ -98,7 +98,7 @@ def quantize(model, setting="qdq", data=None) -> tuple[ir.Model, object]:
 
 
 def test_weights_per_channel_int8_bias_int32_activations_uint8():
-    model, report = quantize(conv_model())
+    model, report = quantize(conv_model(), "qdq:reduce_range=false")  # 8-bit weights anywhere
     ops = [n.op_type for n in model.graph]
     assert ops.count("QuantizeLinear") >= 4 and ops.count("DequantizeLinear") >= 8
     conv1 = next(n for n in model.graph if n.name == "/conv1/Conv")
@@ -256,7 +256,8 @@ def test_equalization_reduces_error_with_per_tensor_weights():
     test = feeds(4, seed=5)
     errors = {}
     for flag in ("false", "true"):
-        quantized, report = quantize(model, f"qdq:per_channel=false,equalize={flag}")
+        setting = f"qdq:per_channel=false,equalize={flag},reduce_range=false"
+        quantized, report = quantize(model, setting)
         errors[flag] = np.mean([rel_error(run(model, f)[0], run(quantized, f)[0]) for f in test])
     assert errors["true"] < errors["false"]
     details = {layer.node: layer.detail.get("equalized") for layer in report.passes[0].layers}
@@ -433,3 +434,46 @@ def test_keep_float_leaves_the_most_sensitive_layer_float_and_unwrapped(tmp_path
         test = feeds(4, seed=9)
         errors[setting] = np.mean([rel_error(run(model, f)[0], run(candidate, f)[0]) for f in test])
     assert errors["qdq:keep_float=1"] < errors["qdq"]
+
+
+def _weight_codes(model: ir.Model) -> list[np.ndarray]:
+    """The int8 weights every Conv reads through its DequantizeLinear."""
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    return [n.inputs[1].producer().inputs[0].const_value.numpy() for n in convs]
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_auto_reduce_range_follows_the_saturation_probe(monkeypatch, saturates):
+    import onnxcompress.passes.quant.qdq as qdq_module
+
+    monkeypatch.setattr(qdq_module, "int8_products_saturate", lambda _type: saturates)
+    model, report = quantize(conv_model())
+    top = max(int(np.abs(codes).max()) for codes in _weight_codes(model))
+    assert top == (63 if saturates else 127)  # each channel's largest weight takes the top code
+    assert any("reduce_range" in note for note in report.passes[0].notes) == saturates
+
+
+def test_reduce_range_true_keeps_weights_within_7_bits_and_validates():
+    proto = conv_model()
+    model, _ = quantize(proto, "qdq:reduce_range=true")
+    assert max(int(np.abs(codes).max()) for codes in _weight_codes(model)) == 63
+    for feed in feeds(2, seed=9):
+        assert rel_error(run(proto, feed)[0], run(model, feed)[0]) < 0.05
+
+
+def test_saturation_probe_is_exact_with_7_bit_weights():
+    """The probe's model computes the exact sum when no pair of products overflows 16 bits
+    (weights of 63), on any CPU: a probe that misreads saturation would fail here."""
+    from onnxcompress.passes.quant import saturation
+
+    for activation_type, top in (("uint8", 255.0), ("int8", 127.0)):
+        proto = saturation._probe_model(activation_type, top)
+        weight = next(t for t in proto.graph.initializer if t.name == "w_q")
+        weight.CopyFrom(numpy_helper.from_array(np.full((1, 64, 1, 1), 63, np.int8), "w_q"))
+        session = ort.InferenceSession(
+            proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        (got,) = session.run(None, {"x": np.full((1, 64, 1, 1), top, np.float32)})
+        exact = top * 63 * 64
+        assert abs(float(got.ravel()[0]) - exact) < 0.02 * exact
+        assert isinstance(saturation.int8_products_saturate(activation_type), bool)
