@@ -40,6 +40,7 @@ from onnxcompress.passes.codebook.fit import (
 from onnxcompress.passes.codebook.layout import ChannelLayout, channel_axis
 from onnxcompress.passes.codebook.plan import Goal, plan_layers
 from onnxcompress.passes.codebook.refine import fit_with_feedback, refine_product
+from onnxcompress.progress import Steps
 
 SCHEMES = ("scalar", "pq", "binary", "ternary")
 FIXED_BITS = {"binary": 1, "ternary": 2}
@@ -150,6 +151,7 @@ class Codebook(CompressionPass):
             goal = Goal(self.config.bits or DEFAULT_BITS["scalar"], self.config.size)
             plan = plan_layers(model, chosen, stats, ctx, report, goal, self._codebook_dtype)
         builder = DecoderBuilder(model, self.name)
+        steps = Steps(ctx.progress, "codebook: fitting", len(chosen))
         for value in chosen:
             choice = plan.get(value.name)
             try:
@@ -159,6 +161,7 @@ class Codebook(CompressionPass):
             except Skip as skip:
                 layer = _skipped(value, str(skip))
             report.layers.append(layer)
+            steps.done()
         builder.insert_nodes()
         return report
 

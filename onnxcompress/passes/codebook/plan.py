@@ -28,6 +28,7 @@ from onnxcompress.passes.codebook.fit import quantized_rows
 from onnxcompress.passes.codebook.layout import ChannelLayout, channel_axis
 from onnxcompress.passes.codebook.sensitivity import PROBE_BITS, output_gains
 from onnxcompress.probes import macs_per_sample, probe_samples
+from onnxcompress.progress import Steps
 from onnxcompress.stats import output_shift
 
 
@@ -73,10 +74,12 @@ def plan_layers(
     """Bits and granularity of every chosen weight, within the goal's budget: each choice's
     layer error, times the weight's measured gain to the outputs, as low as the bytes allow."""
     layers = []
+    steps = Steps(ctx.progress, "codebook: weighing choices", len(chosen))
     for value in chosen:
         weight, _, rows, power = weighed_rows(value, stats)
         itemsize = codebook_dtype(weight.dtype).itemsize
         layers.append(measure_choices(value.name, rows, power, itemsize, weight.nbytes))
+        steps.done()
     gains = _gains(model, chosen, stats, ctx, report)
     for layer in layers:
         layer.gain = gains.get(layer.name, 1.0)
@@ -122,7 +125,7 @@ def _gains(model, chosen, stats, ctx: PassContext, report: PassReport) -> dict[s
     samples = probe_samples(macs_per_sample(model, ctx.shapes, ctx.calibration))
     try:
         fed = list(biases.values())
-        gains = output_gains(model, chosen, probe, ctx.calibration, fed, samples)
+        gains = output_gains(model, chosen, probe, ctx.calibration, fed, samples, ctx.progress)
     except CannotRun as exc:
         report.notes.append(f"codebook: gains not measured ({exc}): layer errors weighed alike")
         return {}

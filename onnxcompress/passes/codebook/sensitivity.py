@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from onnxcompress.calibration import Feed
 from onnxcompress.probes import PROBE_SAMPLES, ProbeSession
+from onnxcompress.progress import Progress, Steps
 
 PROBE_BITS = 3
 
@@ -33,6 +34,7 @@ def output_gains(
     feeds: Sequence[Feed],
     also: Sequence[ir.Value] = (),
     samples: int = PROBE_SAMPLES[0],
+    progress: Progress = None,
 ) -> dict[str, float]:
     """Per weight name: the model's output error (relative squared L2, summed over the
     outputs) with that weight alone replaced by its probe, over the probe's layer error.
@@ -40,10 +42,11 @@ def output_gains(
     label = "model for codebook sensitivity"
     with ProbeSession(model, [*weights, *also], feeds, samples, label) as session:
         gains = {}
+        steps = Steps(progress, "codebook: probing gains", len(weights))
         for value in weights:
             replaced, layer_error = probe(value)
-            if layer_error <= 0:
-                gains[value.name] = 0.0
-                continue
-            gains[value.name] = session.output_error(replaced) / layer_error
+            gains[value.name] = 0.0
+            if layer_error > 0:
+                gains[value.name] = session.output_error(replaced) / layer_error
+            steps.done()
     return gains

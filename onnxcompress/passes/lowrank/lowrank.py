@@ -28,6 +28,7 @@ from onnxcompress.passes.lowrank.fold import fold_rewrites
 from onnxcompress.passes.lowrank.layer import Layer, view
 from onnxcompress.passes.lowrank.plan import Plan, rewrite
 from onnxcompress.passes.lowrank.targets import LayerTargets
+from onnxcompress.progress import Steps
 from onnxcompress.stats import SecondMoments
 
 #: Gemm without its C input (needed for the first, bias-free factor) exists from opset 11.
@@ -108,12 +109,14 @@ class LowRank(CompressionPass):
         candidates = [n for n in model.graph if n.op_type in ops and _standard(n)]
         targets = self._layer_targets(model, candidates, ctx, report)
         emitter = Emitter(model, self.name)
+        steps = Steps(ctx.progress, "lowrank: layers", len(candidates))
         try:
             for node in candidates:
                 try:
                     report.layers.append(self._compress(model, node, ctx, emitter, targets))
                 except Skip as skip:
                     report.layers.append(LayerReport.skipped(node, str(skip)))
+                steps.done()
         finally:
             if targets:
                 targets.close()

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.calibration import Feed
+from onnxcompress.progress import tick
 from onnxcompress.stats import ChannelMean, captured_parts
 
 logger = logging.getLogger(__name__)
@@ -127,20 +128,11 @@ def collect(
             if histograms:
                 # halves alternate by feed; one feed alone is split by capture's parts
                 stats[name].add_histogram(array, i if len(feeds) > 1 else None)
-        _tick(progress, "calibration", i + 1, len(feeds))
+        tick(progress, "calibration", i + 1, len(feeds))
     missing = [n for n, s in stats.items() if s.lo > s.hi]
     if missing:
         logger.debug("no values seen for %d tensors", len(missing))
     return stats
-
-
-def _tick(progress: Callable[[str], None] | None, label: str, done: int, total: int) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    line = f"{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
-    logger.debug(line)
-    if progress is not None:
-        progress(line)
 
 
 def choose_range(
