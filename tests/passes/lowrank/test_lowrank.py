@@ -258,3 +258,63 @@ def test_calibration_fit_needs_a_per_output_gemm_bias():
     feeds = [{"A": np.ones((4, 64), np.float32)}]
     _, report = compress(proto, ["lowrank:rank=2"], calibration=feeds, options=NO_VALIDATE)
     assert "per-output bias" in report.passes[0].layers[0].reason
+
+
+def _mnist_feeds(rows: int, batch: int) -> list[dict[str, np.ndarray]]:
+    from fixtures.mnist import mnist_split
+
+    (x_train, _), _ = mnist_split()
+    flat = x_train[:rows].reshape(rows, -1)
+    return [{"input": flat[i : i + batch]} for i in range(0, rows, batch)]
+
+
+def test_too_few_rows_for_the_features_means_no_refit():
+    """16 rows of 784 pixels: a least-squares refit would reproduce those rows only."""
+    setting = "lowrank:rank=16"
+    _, report = compress(
+        str(FIXTURES / "mnist_mlp.onnx"), [setting], calibration=_mnist_feeds(16, 8)
+    )
+    fc1 = next(layer for layer in report.passes[0].rewritten if layer.node == "/fc1/Gemm")
+    assert fc1.detail["data_fit"] == "not refitted: 16 calibration rows for 784 input features"
+    _, enough = compress(
+        str(FIXTURES / "mnist_mlp.onnx"), [setting], calibration=_mnist_feeds(2000, 200)
+    )
+    assert all("data_fit" not in layer.detail for layer in enough.passes[0].rewritten)
+
+
+def test_a_wave_captures_several_layers_in_one_sweep_with_the_same_sums(monkeypatch):
+    """Nothing rewritten between them, the layers of one wave get exactly the sums that a
+    capture per layer gives, from one student sweep instead of one per layer."""
+    from onnxcompress.passes.lowrank import targets as targets_module
+    from onnxcompress.passes.lowrank.layer import view
+    from onnxcompress.pipeline import resolve_shapes
+    from onnxcompress.validate import Runner
+
+    model = ir.load(str(FIXTURES / "mnist_mlp.onnx"))
+    layers = [node for node in model.graph if node.op_type in ("Gemm", "MatMul")]
+    feeds = _mnist_feeds(400, 200)
+    shapes = resolve_shapes(model, {"input": [200, 784]})
+    sweeps = []
+    real_pairs = targets_module.captured_pairs
+
+    def counted(*args, **kwargs):
+        sweeps.append(args[1])
+        return real_pairs(*args, **kwargs)
+
+    monkeypatch.setattr(targets_module, "captured_pairs", counted)
+    sums = {}
+    for wave in (1, 8):
+        monkeypatch.setattr(targets_module, "WAVE_LAYERS", wave)
+        with Runner(ir.load(str(FIXTURES / "mnist_mlp.onnx")), "teacher") as teacher:
+            outputs = [node.outputs[0].name for node in layers]
+            targets = targets_module.LayerTargets(
+                model, teacher, feeds, outputs, 4096, 0, True, upcoming=layers, shapes=shapes
+            )
+            sums[wave] = [targets.moments(view(node)) for node in layers]
+            targets.close()
+    assert len(layers) >= 2 and sweeps[: len(layers)] == [[n.inputs[0].name] for n in layers]
+    assert len(sweeps) == len(layers) + 1  # then the whole wave at once
+    for one, many in zip(sums[1], sums[8]):
+        assert one.count == many.count
+        np.testing.assert_allclose(one.xx, many.xx, rtol=1e-6)
+        np.testing.assert_allclose(one.xy, many.xy, rtol=1e-6)
