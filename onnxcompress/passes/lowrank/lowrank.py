@@ -114,6 +114,8 @@ class LowRank(CompressionPass):
             for node in candidates:
                 try:
                     report.layers.append(self._compress(model, node, ctx, emitter, targets))
+                    if targets:  # the model changed: what later layers receive changed too
+                        targets.forget()
                 except Skip as skip:
                     report.layers.append(LayerReport.skipped(node, str(skip)))
                 steps.done()

@@ -7,10 +7,11 @@ found it.
 
 Layers are captured in *waves*: the next few layers, as many as ``WAVE_BYTES`` of their
 inputs and outputs a feed allow (up to ``WAVE_LAYERS``), from one sweep of the student and
-one of the teacher, instead of two whole-model sweeps per layer. A layer later in a wave sees
-its input before the layers ahead of it in the wave are rewritten: the refit accounts for the
-error of earlier waves only. On EfficientNet-Lite1 with 100 images this took the capture from
-two sweeps per layer (88) to about a dozen."""
+one of the teacher, instead of two whole-model sweeps per layer. Sums captured for later
+layers stay valid while the layers ahead of them are left as they are (skipped by a guard or
+by ``max_error``); a rewrite ``forget``s them, and the next layer starts a new wave. So every
+layer sees exactly what a capture of its own would give, and a search that rewrites few
+layers (``max_error`` on a mobile CNN) costs a few sweeps instead of two a layer."""
 
 from __future__ import annotations
 
@@ -59,12 +60,16 @@ class LayerTargets:
         self.rng = np.random.default_rng(seed)
 
     def moments(self, layer: Layer) -> SecondMoments:
-        """Sums over every calibration feed for ``layer`` in the model as it is now (or as it
-        was when its wave was captured)."""
+        """Sums over every calibration feed for ``layer`` in the model as it is now (captured
+        with its wave, before which nothing has been rewritten since)."""
         node = layer.node
         if node.outputs[0].name not in self.ready:
             self._capture(self._wave(node))
         return self.ready.pop(node.outputs[0].name)
+
+    def forget(self) -> None:
+        """Drop the sums captured ahead: the student just changed."""
+        self.ready.clear()
 
     def _wave(self, node: ir.Node) -> list[ir.Node]:
         """``node`` and the layers after it, while they share a teacher and fit the budget."""
