@@ -55,15 +55,11 @@ class _Accumulator:
         self.channels.add(activation)
         self.squares.add(np.square(activation))  # summed in float64
         if self.halves is not None:
-            rows = (
-                self._pixels(activation)
-                if self.conv
-                else activation.reshape(-1, activation.shape[-1])
-            )
             if self.conv:  # a sample at a time: the halves alternate by sample
-                self.halves[self.turn].add(rows)
+                self.halves[self.turn].add(self._pixels(activation))
                 self.turn = 1 - self.turn
             else:  # by row, alternating across parts (a part may hold a single row)
+                rows = activation.reshape(-1, activation.shape[-1])
                 for half, share in ((self.turn, rows[0::2]), (1 - self.turn, rows[1::2])):
                     if len(share):
                         self.halves[half].add(share)
