@@ -156,21 +156,24 @@ class LowRank(CompressionPass):
 
     def _fits_to_data(self, node: ir.Node) -> bool:
         """Whether ``_compress`` will ask for this layer's calibration moments."""
-        if node.op_type == "ConvTranspose" or name_matches(node, self.config.exclude):
-            return False
         try:
-            return view(node).bias is not None
+            return self._layer(node, with_data=True).kind != "ConvTranspose"
         except Skip:
             return False
 
-    def _compress(self, model, node, ctx, emitter, targets) -> LayerReport:
+    def _layer(self, node: ir.Node, with_data: bool) -> Layer:
+        """The layer behind ``node``, or Skip with the reason this pass leaves it alone."""
         if name_matches(node, self.config.exclude):
             raise Skip("excluded by name pattern")
         layer = view(node)
-        if self.config.max_error is not None and targets is None:
+        if self.config.max_error is not None and not with_data:
             raise Skip("max_error needs calibration data")
-        if layer.bias is None and targets is not None:
+        if layer.bias is None and with_data:
             raise Skip("a calibration fit needs a per-output bias (Gemm C is [M, N])")
+        return layer
+
+    def _compress(self, model, node, ctx, emitter, targets) -> LayerReport:
+        layer = self._layer(node, with_data=targets is not None)
         fit = self._fit(layer, targets)
         positions = layer.positions(ctx.shapes), layer.positions(ctx.shapes, inputs=True)
         plan = self._plan(layer, fit)
