@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcompress.passes.codebook.fit import RowQuantizer
+from onnxcompress.passes.codebook.sparse import advances_of, cheapest_advance_bits, sparse_bytes
 
 BITS = range(1, 9)
 #: A choice that loses more of the layer's output than this is not weighed: errors add up
@@ -111,6 +112,47 @@ def measure_choices(
             error = quantizer.squared_error(1 << b, weights) / energy
             if error <= MAX_LAYER_ERROR:
                 choices.append(Choice(b, groups, nbytes, error))
+    return LayerChoices(name, choices)
+
+
+def measure_sparse_choices(
+    name: str,
+    rows: np.ndarray,
+    importance: np.ndarray | None,
+    itemsize: int,
+    float_bytes: int | None = None,
+    always_sparse: bool = False,
+    bits: range = BITS,
+) -> LayerChoices:
+    """The choices of a mostly-zero weight: one codebook for the tensor whose first codeword
+    is an exact zero (the zeros stay zeros, the other ``2^b - 1`` codewords fit the non-zeros),
+    stored sparse (advances and indices of the non-zeros, ``sparse.py``) or dense, whichever is
+    smaller (sparse only when ``always_sparse``). Per-channel codebooks are not weighed: a
+    channel keeps a few non-zeros, fewer than its codebook would hold."""
+    values = rows.ravel()
+    nonzero = values != 0
+    kept = values[nonzero]
+    weights = None if importance is None else np.broadcast_to(importance, rows.shape).ravel()
+    weights = None if weights is None else weights[nonzero]
+    if kept.size > MEASURED_VALUES:  # errors from a sample of the non-zeros
+        sample = np.sort(np.random.default_rng(0).choice(kept.size, MEASURED_VALUES, False))
+        kept, weights = kept[sample], None if weights is None else weights[sample]
+    energy = float(np.sum(kept * kept * (1.0 if weights is None else weights))) or 1.0
+    quantizer = RowQuantizer(kept[None]) if kept.size else None
+    advances = advances_of(nonzero)
+    choices = [] if float_bytes is None else [Choice(None, 0, float_bytes, 0.0)]
+    for b in bits:
+        advance_bits, entries = cheapest_advance_bits(advances, b)
+        nbytes = sparse_bytes(entries, advance_bits, b) + (1 << b) * itemsize
+        if not always_sparse:
+            nbytes = min(nbytes, stored_bytes(rows.shape, 1, b, itemsize))
+        if float_bytes is not None and nbytes >= float_bytes:
+            break
+        error = 0.0
+        if quantizer is not None:
+            error = quantizer.squared_error((1 << b) - 1, weights) / energy
+        if error <= MAX_LAYER_ERROR:
+            choices.append(Choice(b, 1, nbytes, error))
     return LayerChoices(name, choices)
 
 

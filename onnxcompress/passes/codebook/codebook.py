@@ -29,7 +29,7 @@ from onnxcompress.passes.codebook.data_aware import (
     collect_stats,
     correct_bias,
 )
-from onnxcompress.passes.codebook.decoder import DECODE_OPSET, DecoderBuilder
+from onnxcompress.passes.codebook.decoder import DECODE_OPSET, DecoderBuilder, stored_nbytes
 from onnxcompress.passes.codebook.fit import (
     CodebookFit,
     fit_binary,
@@ -38,8 +38,16 @@ from onnxcompress.passes.codebook.fit import (
     fit_ternary,
 )
 from onnxcompress.passes.codebook.layout import ChannelLayout, channel_axis
+from onnxcompress.passes.codebook.pack import PackedIndices
 from onnxcompress.passes.codebook.plan import Goal, plan_layers
 from onnxcompress.passes.codebook.refine import fit_with_feedback, refine_product
+from onnxcompress.passes.codebook.sparse import (
+    MIN_ZERO_SHARE,
+    SparseEntries,
+    encode,
+    sparse_bytes,
+    zero_share,
+)
 from onnxcompress.progress import Steps
 
 SCHEMES = ("scalar", "pq", "binary", "ternary")
@@ -75,6 +83,9 @@ class Codebook(CompressionPass):
         codebook_dtype: str = "auto"  # auto (the weight's dtype), float16 or float32
         min_size: int = MIN_SIZE  # weights with fewer values are left alone
         zero_share: float = 0.05  # reserve an exact-zero centroid from this share of zeros
+        # how indices are stored: auto (sparse when smaller), dense (every index), or sparse
+        # (only non-zero codewords and the advance to each, whenever the zeros allow)
+        storage: str = "auto"
         data_aware: bool = False  # refine codebooks and biases on the calibration data
         ops: tuple[str, ...] = ()  # only weights read by these op types (all when empty)
         exclude: tuple[str, ...] = ()  # weight or node-name glob patterns to leave alone
@@ -98,6 +109,10 @@ class Codebook(CompressionPass):
                     ),
                     "min_size": (lambda v: v >= 1, "an integer >= 1"),
                     "zero_share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+                    "storage": (
+                        lambda v: v in ("auto", "dense", "sparse"),
+                        "auto, dense or sparse",
+                    ),
                 },
             )
             fixed = FIXED_BITS.get(self.scheme)
@@ -149,7 +164,9 @@ class Codebook(CompressionPass):
         plan = {}
         if self.config.allocated:
             goal = Goal(self.config.bits or DEFAULT_BITS["scalar"], self.config.size)
-            plan = plan_layers(model, chosen, stats, ctx, report, goal, self._codebook_dtype)
+            plan = plan_layers(
+                model, chosen, stats, ctx, report, goal, self._codebook_dtype, self.config.storage
+            )
         builder = DecoderBuilder(model, self.name)
         steps = Steps(ctx.progress, "codebook: fitting", len(chosen))
         for value in chosen:
@@ -226,6 +243,7 @@ class Codebook(CompressionPass):
         rows = layout.rows(weight.astype(np.float64))
         fit, order, detail = self._fit(rows, layout, stats, seed, choice)
         approx = layout.weight(self._decoded_rows(fit, rows.shape, order)).astype(weight.dtype)
+        sparse = self._sparse_entries(fit, bits, builder.opset)
         decoded = builder.decoder(
             value,
             fit,
@@ -234,6 +252,7 @@ class Codebook(CompressionPass):
             product=self.config.scheme == "pq",
             codebook_dtype=self._codebook_dtype(weight.dtype),
             order=order,
+            sparse=sparse,
         )
         if stats is not None:  # the user's data (or data_aware): the mean shift goes
             detail.update(correct_bias(builder.emitter, value, weight, approx, stats))
@@ -304,9 +323,11 @@ class Codebook(CompressionPass):
         rng = np.random.default_rng(seed)
         fit = fit_scalar(groups, 1 << bits, cfg.init, cfg.zero_share, rng)
         halves = stats.halves if stats is not None else None
-        # past 5 bits the rounding error is small and 64+ codewords a row cost the most
+        # past 5 bits the rounding error is small and 64+ codewords a row cost the most;
+        # a sparse weight keeps its zeros (feedback would make them codewords)
         if (
             halves is not None
+            and not self._keeps_zeros(rows)
             and bits <= FEEDBACK_MAX_BITS
             and layout.channels > 1
             and len(halves[0]) == rows.shape[1]
@@ -315,6 +336,26 @@ class Codebook(CompressionPass):
             fit, before, after = fit_with_feedback(ordered, fit, halves)
             detail["output_error"] = {"before": round(before, 6), "after": round(after, 6)}
         return fit, order, detail
+
+    def _keeps_zeros(self, rows: np.ndarray) -> bool:
+        """Whether the weight may be stored sparse: its zeros must stay exact zeros."""
+        return self.config.storage != "dense" and zero_share(rows) >= MIN_ZERO_SHARE
+
+    def _sparse_entries(self, fit: CodebookFit, bits: int, opset: int) -> SparseEntries | None:
+        """The non-zero codewords as sparse entries when stored that way: with
+        ``storage=sparse`` whenever the fit has the zero codewords fillers need, with auto when
+        the entries take fewer bytes than the dense indices."""
+        storage = self.config.storage
+        if storage == "dense" or self.config.scheme == "pq":
+            return None
+        if storage == "auto" and zero_share(fit.decode()) < MIN_ZERO_SHARE:
+            return None
+        entries = encode(fit, bits)
+        if entries is None or storage == "sparse":
+            return entries
+        dense = PackedIndices.of(fit.indices, bits, opset)
+        stored = sparse_bytes(entries.entries, entries.advance_bits, bits)
+        return entries if stored < stored_nbytes(dense.stored) else None
 
     def _grouped(self, rows: np.ndarray) -> np.ndarray:
         """Rows [C, L] as one row per codebook: [1, C·L], [C, L] or [C/size, size·L]."""

@@ -8,8 +8,9 @@ onnxruntime constant-folds at session creation):
 - ``uint4``: 4 bits as ONNX's own UINT4 type (opset 21+), unpacked by a Cast.
 - ``fields``: 1, 2 or 4 bits, ``8 / bits`` indices per byte, lowest bits first; unpacked by
   BitShift right by (0, bits, 2·bits, …) then Mod 2^bits.
-- ``planes``: 3, 5, 6 or 7 bits as ``bits`` bit planes, 8 indices per byte in each plane;
-  unpacked by BitShift + Mod 2, then Σ plane·2^p (ReduceSum).
+- ``planes``: 3, 5, 6 or 7 bits (or 9-16: sparse storage's fields, ``sparse.py``) as
+  ``bits`` bit planes, 8 indices per byte in each plane; unpacked by BitShift + Mod 2, then
+  Σ plane·2^p (ReduceSum).
 
 Each row is padded to whole bytes; the decoder slices the padding off.
 """
@@ -39,7 +40,7 @@ def pack(indices: np.ndarray, bits: int, layout: str) -> np.ndarray:
     Shapes are chosen so the decoder needs no reshaping: unpacking broadcasts a trailing
     ``[n, 1]`` axis pair into the ``[..., 1]`` index tuples GatherND reads.
     """
-    indices = np.asarray(indices, np.uint8)
+    indices = np.asarray(indices, np.uint8 if bits <= 8 else np.uint16)
     if layout == "uint8":
         return indices[:, :, None]
     if layout == "uint4":
@@ -81,7 +82,9 @@ def unpack(stored: np.ndarray, bits: int, layout: str, count: int) -> np.ndarray
     values = (stored >> field_shifts(bits, layout)) % field_modulus(bits, layout)
     if layout == "planes":
         values = (values.astype(np.int64) * plane_powers(bits)).sum(0)
-    return values.reshape(values.shape[0], -1)[:, :count].astype(np.uint8)
+    return values.reshape(values.shape[0], -1)[:, :count].astype(
+        np.uint8 if bits <= 8 else np.uint16
+    )
 
 
 def padded_count(stored_shape: tuple[int, ...], bits: int, layout: str) -> int:

@@ -20,6 +20,7 @@ from onnxcompress.passes.codebook.allocate import (
     allocate,
     decoder_overhead,
     measure_choices,
+    measure_sparse_choices,
     target_bytes,
     weighted_error,
 )
@@ -27,6 +28,7 @@ from onnxcompress.passes.codebook.data_aware import InputStats, input_power
 from onnxcompress.passes.codebook.fit import quantized_rows
 from onnxcompress.passes.codebook.layout import ChannelLayout, channel_axis
 from onnxcompress.passes.codebook.sensitivity import PROBE_BITS, output_gains
+from onnxcompress.passes.codebook.sparse import MIN_ZERO_SHARE, zero_share
 from onnxcompress.probes import macs_per_sample, probe_samples
 from onnxcompress.progress import Steps
 from onnxcompress.stats import output_shift
@@ -70,15 +72,24 @@ def plan_layers(
     report: PassReport,
     goal: Goal,
     codebook_dtype: Callable[[np.dtype], np.dtype],
+    storage: str = "auto",
 ) -> dict[str, Choice]:
     """Bits and granularity of every chosen weight, within the goal's budget: each choice's
-    layer error, times the weight's measured gain to the outputs, as low as the bytes allow."""
+    layer error, times the weight's measured gain to the outputs, as low as the bytes allow.
+    Mostly-zero weights are weighed as sparse storage unless ``storage`` is dense."""
     layers = []
     steps = Steps(ctx.progress, "codebook: weighing choices", len(chosen))
     for value in chosen:
         weight, _, rows, power = weighed_rows(value, stats)
         itemsize = codebook_dtype(weight.dtype).itemsize
-        layers.append(measure_choices(value.name, rows, power, itemsize, weight.nbytes))
+        if storage != "dense" and zero_share(rows) >= MIN_ZERO_SHARE:
+            always = storage == "sparse"
+            measured = measure_sparse_choices(
+                value.name, rows, power, itemsize, weight.nbytes, always
+            )
+        else:
+            measured = measure_choices(value.name, rows, power, itemsize, weight.nbytes)
+        layers.append(measured)
         steps.done()
     gains = _gains(model, chosen, stats, ctx, report)
     for layer in layers:
