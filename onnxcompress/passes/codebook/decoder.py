@@ -123,8 +123,10 @@ class DecoderBuilder:
         if sparse.entries == 0:
             return zeros
         fields = self._stream("entries", sparse.fields(), sparse.width)
-        self.detail["positions_bytes"] = math.ceil(sparse.entries * sparse.advance_bits / 8)
-        self.detail["indices_bytes"] = math.ceil(sparse.entries * bits / 8)
+        # the one stored stream, split by bits into what locates and what names the weights
+        stored = self.detail["entries_bytes"]
+        positions = round(stored * sparse.advance_bits / sparse.width)
+        self.detail.update(positions_bytes=positions, indices_bytes=stored - positions)
         width = self._constant("width", np.array(1 << bits, np.int64))
         indices = self._op("Mod", [fields, width])
         axis = self._shared_constant("axis", np.array(0, np.int64))  # CumSum takes a scalar

@@ -3,8 +3,8 @@ codeword is not zero are stored, each as one bit field holding its *advance* (th
 from the entry before it, from position 0 for the first) and its codebook index.
 
 Advances are stored at a fixed width chosen per weight; one too long for it is bridged by
-*filler* entries, which advance the most the width holds and carry an index whose codeword is
-exactly zero, so they decode to the zero already there. Field = advance·2^b + index, packed
+*filler* entries, which advance the most the width holds and land on a zero of the run, so they
+carry that zero's index and decode to the zero already there. Field = advance·2^b + index, packed
 like dense indices (``pack.py``; widths above 8 bits as bit planes). The decoder
 (``decoder.py``) takes the index as the field mod 2^b, the position as the running sum of the
 advances, and scatters the gathered codewords into zeros; every input is a constant, so
@@ -93,21 +93,21 @@ class SparseEntries:
         return np.cumsum(self.advances.astype(np.int64))
 
 
-def zero_codewords(fit: CodebookFit) -> np.ndarray:
-    """Per codebook row, the index of a codeword that is exactly zero (-1: none)."""
-    is_zero = fit.codebook[:, :, 0] == 0
-    return np.where(is_zero.any(axis=1), is_zero.argmax(axis=1), -1)
+def encode(
+    fit: CodebookFit, index_bits: int, advance_bits: int | None = None
+) -> SparseEntries | None:
+    """The fit's entries, advances at ``advance_bits`` (None: the cheapest width); None for
+    vector codewords (product quantization: the dense form is stored).
 
-
-def encode(fit: CodebookFit, index_bits: int) -> SparseEntries | None:
-    """The fit's entries in the cheapest advance width; None when a filler would land in a
-    row with no zero codeword, or the codewords are vectors (then the dense form is stored)."""
+    A filler lands inside a run of zeros, so the index stored there already names a zero
+    codeword of its row: every entry takes the index at its position."""
     if fit.codebook.shape[2] != 1:
         return None
     groups, length = fit.indices.shape
     kept = np.flatnonzero(fit.decode().ravel() != 0)
     advances = np.diff(kept, prepend=0)
-    advance_bits, _ = cheapest_advance_bits(advances, index_bits)
+    if advance_bits is None:
+        advance_bits, _ = cheapest_advance_bits(advances, index_bits)
     longest = (1 << advance_bits) - 1
     fill = _fillers(advances, advance_bits)
     serves = np.repeat(np.arange(len(kept)), fill + 1)  # the non-zero each entry leads to
@@ -116,14 +116,9 @@ def encode(fit: CodebookFit, index_bits: int) -> SparseEntries | None:
     is_filler = rank < fill[serves]
     before = kept[serves] - advances[serves]  # the position the run starts from
     positions = np.where(is_filler, before + (rank + 1) * longest, kept[serves])
-    zero_at = zero_codewords(fit)
-    rows = positions // length
-    if is_filler.any() and (zero_at[rows[is_filler]] < 0).any():
-        return None
-    indices = np.where(is_filler, zero_at[rows], fit.indices.ravel()[positions])
     return SparseEntries(
         advances=np.diff(positions, prepend=0),
-        indices=indices.astype(np.int64),
+        indices=fit.indices.ravel()[positions].astype(np.int64),
         advance_bits=advance_bits,
         index_bits=index_bits,
         fillers=int(is_filler.sum()),

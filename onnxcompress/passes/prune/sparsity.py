@@ -52,6 +52,10 @@ class Sparsity(CompressionPass):
         scope: str = "layer"  # one magnitude threshold per "layer" or a "global" one
         exclude: tuple[str, ...] = ()  # node-name globs left alone
         repair: str = "none"  # none, or lstsq: refit the kept weights on calibration data
+        # which weights go: magnitude, or activation (|w|·‖x‖ on the data, chosen again after
+        # each of `steps` refits); auto: activation with repair=lstsq and data
+        select: str = "auto"
+        steps: int = 8  # select=activation: refits on the way to `ratio`
         damping: float = 0.1  # ridge towards the unrepaired weights, relative to mean diag(XᵀX)
         max_rows: int = 4096  # rows sampled per batch and layer for the refit
 
@@ -62,6 +66,11 @@ class Sparsity(CompressionPass):
                     "ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
                     "scope": (lambda v: v in ("layer", "global"), "layer or global"),
                     "repair": (lambda v: v in ("none", "lstsq"), "none or lstsq"),
+                    "select": (
+                        lambda v: v in ("auto", "magnitude", "activation"),
+                        "auto, magnitude or activation",
+                    ),
+                    "steps": (lambda v: v >= 1, "an integer >= 1"),
                     **REFIT_OPTION_RULES,
                 },
             )
@@ -76,7 +85,7 @@ class Sparsity(CompressionPass):
         originals = {id(node): _weight(node) for node in layers}
         threshold = self._global_threshold(layers) if self.config.scope == "global" else None
         masks = {id(node): self._mask(originals[id(node)], threshold) for node in layers}
-        targets = self._repair_targets(layers, masks)
+        targets = self._repair_targets(layers, masks, self._reselect_steps(ctx))
         with self._teacher(model, targets, ctx) or nullcontext() as teacher:
             for node in layers:
                 set_constant(node.inputs[1], np.where(masks[id(node)], originals[id(node)], 0))
@@ -124,7 +133,18 @@ class Sparsity(CompressionPass):
         keep[np.argsort(magnitude, axis=None, kind="stable")[:count]] = False
         return keep.reshape(weight.shape)
 
-    def _repair_targets(self, layers, masks) -> list[Target]:
+    def _reselect_steps(self, ctx: PassContext) -> int | None:
+        """Refit steps of the activation-aware choice (``reselect_mask``); None: by magnitude
+        (without a refit, without data, or on seeded noise, whose norms say nothing)."""
+        select = self.config.select
+        if select == "auto":
+            real_data = bool(ctx.calibration) and not ctx.synthetic_calibration
+            select = "activation" if self.config.repair == "lstsq" and real_data else "magnitude"
+        if select != "activation" or self.config.repair != "lstsq":
+            return None
+        return self.config.steps
+
+    def _repair_targets(self, layers, masks, reselect_steps: int | None) -> list[Target]:
         """With ``repair=lstsq``: every layer, its mask laid out as the refit's
         ``[inputs, outputs]`` matrix."""
         if self.config.repair != "lstsq":
@@ -133,7 +153,7 @@ class Sparsity(CompressionPass):
         for node in layers:
             mask, out = masks[id(node)], weight_axes(node).out
             flat = np.moveaxis(mask, out, -1).reshape(-1, mask.shape[out])
-            targets.append(Target(node, mask=flat))
+            targets.append(Target(node, mask=flat, reselect_steps=reselect_steps))
         return targets
 
     def _teacher(self, model, targets: list[Target], ctx: PassContext) -> Runner | None:
