@@ -271,8 +271,7 @@ def reselect_mask(gram, cross, current, target: Target, ridge: float) -> np.ndar
     final = mask.sum(axis=0)
     norm = np.sqrt(np.maximum(np.diag(gram)[:features], 0))[:, None]
     weights, support = current, np.ones_like(mask)
-    for step in range(1, target.reselect_steps + 1):
-        density = (final / features) ** (step / target.reselect_steps)
+    for density in _densities(final / features, target.reselect_steps):
         keep = np.maximum(np.rint(density * features).astype(int), final)
         saliency = np.where(support, np.abs(weights[:features]) * norm, -1.0)
         ranked = np.argsort(-saliency, axis=0, kind="stable")
@@ -282,6 +281,13 @@ def reselect_mask(gram, cross, current, target: Target, ridge: float) -> np.ndar
         weights = _masked_solve(gram, cross, current, support, ridge)
     target.mask = support
     return weights
+
+
+def _densities(final: np.ndarray, steps: int) -> list[np.ndarray]:
+    """Shares of the weights each output keeps at each step: geometric from all of them down
+    to ``final``. (Starting at half, where solves cost a quarter as much, kept 0.3 point less
+    accuracy on the MNIST MLP at 93% and 95% sparsity.)"""
+    return [final ** (k / steps) for k in range(1, steps + 1)]
 
 
 def _masked_solve(gram, cross, current, mask: np.ndarray, ridge: float) -> np.ndarray:
