@@ -40,7 +40,11 @@ from onnxcompress.passes.codebook.fit import (
 from onnxcompress.passes.codebook.layout import ChannelLayout, channel_axis
 from onnxcompress.passes.codebook.pack import PackedIndices
 from onnxcompress.passes.codebook.plan import Goal, plan_layers
-from onnxcompress.passes.codebook.refine import fit_with_feedback, refine_product
+from onnxcompress.passes.codebook.refine import (
+    fit_with_feedback,
+    refine_product,
+    refit_codewords,
+)
 from onnxcompress.passes.codebook.sparse import (
     MIN_ZERO_SHARE,
     SparseEntries,
@@ -323,11 +327,15 @@ class Codebook(CompressionPass):
         rng = np.random.default_rng(seed)
         fit = fit_scalar(groups, 1 << bits, cfg.init, cfg.zero_share, rng)
         halves = stats.halves if stats is not None else None
-        # past 5 bits the rounding error is small and 64+ codewords a row cost the most;
-        # a sparse weight keeps its zeros (feedback would make them codewords)
+        fc_halves = halves is not None and len(halves[0]) == rows.shape[1]
+        if fc_halves and self._keeps_zeros(rows):  # feedback would make its zeros codewords
+            ordered = rows if order is None else rows[order]
+            fit, before, after = refit_codewords(ordered, fit, halves)
+            detail["output_error"] = {"before": round(before, 6), "after": round(after, 6)}
+            return fit, order, detail
+        # past 5 bits the rounding error is small and 64+ codewords a row cost the most
         if (
             halves is not None
-            and not self._keeps_zeros(rows)
             and bits <= FEEDBACK_MAX_BITS
             and layout.channels > 1
             and len(halves[0]) == rows.shape[1]

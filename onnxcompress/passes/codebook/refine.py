@@ -137,6 +137,43 @@ def assign_with_feedback(rows: np.ndarray, codebooks: np.ndarray, gram: np.ndarr
     return indices
 
 
+def refit_codewords(
+    rows: np.ndarray, fit: CodebookFit, halves: tuple[np.ndarray, np.ndarray]
+) -> tuple[CodebookFit, float, float]:
+    """The codewords of a sparse weight's fit solved for the layer's output error on the first
+    half of the calibration Gram matrices, its indices kept (feedback would turn its zeros
+    into codewords) and its zero codewords held at zero; kept only if the error on the other
+    half falls. Each row adds only its non-zeros to the normal equations, so the work is
+    Σ (non-zeros of a row)², not C·L². Returns the fit and the held-out relative output error
+    before and after."""
+    fitting, checking = halves
+    channels, groups = len(rows), len(fit.codebook)
+    owner = np.arange(channels) // (channels // groups)
+    codebook = fit.codebook[:, :, 0]
+    before = _output_error(rows, fit.decode().reshape(rows.shape), checking)
+    k = codebook.shape[1]
+    systems, targets = np.zeros((groups, k, k)), np.zeros((groups, k))
+    indices = fit.indices.reshape(rows.shape).astype(np.int64)
+    for row, labels in enumerate(indices):
+        g = owner[row]
+        kept = np.flatnonzero(codebook[g][labels] != 0)
+        if not len(kept):
+            continue
+        sub = fitting[np.ix_(kept, kept)]
+        used, system = _cluster_gram(sub, labels[kept])
+        systems[g][np.ix_(used, used)] += system
+        targets[g] += np.bincount(labels[kept], weights=sub @ rows[row, kept], minlength=k)
+    solved = codebook.astype(np.float64).copy()
+    for g in range(groups):
+        used = np.flatnonzero((np.diag(systems[g]) > 0) & (codebook[g] != 0))
+        if len(used):
+            block = systems[g][np.ix_(used, used)] + _ridge(fitting) * np.eye(len(used))
+            solved[g, used] = np.linalg.solve(block, targets[g, used])
+    candidate = CodebookFit(solved[:, :, None], fit.indices)
+    after = _output_error(rows, candidate.decode().reshape(rows.shape), checking)
+    return (candidate, before, after) if after < before else (fit, before, before)
+
+
 def solve_codewords(
     rows: np.ndarray, indices: np.ndarray, owner: np.ndarray, codebook: np.ndarray, gram
 ) -> np.ndarray:

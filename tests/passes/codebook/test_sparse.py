@@ -22,7 +22,13 @@ from onnxcompress.passes.codebook.sparse import (
     sparse_bytes,
 )
 from tests.conftest import run
-from tests.passes.codebook.models import NO_VALIDATE, conv_model, matmul_model, random_feed
+from tests.passes.codebook.models import (
+    NO_VALIDATE,
+    conv_model,
+    correlated_inputs,
+    matmul_model,
+    random_feed,
+)
 
 
 def sparse_weight(shape, density: float, seed: int = 0) -> np.ndarray:
@@ -151,3 +157,19 @@ def test_sparse_conv_weight_with_float16_codebook_is_exact_at_its_distinct_value
 def test_storage_option_is_checked():
     with pytest.raises(Exception, match="storage"):
         compress(matmul_model(np.ones((64, 64))), ["codebook:storage=csr"], options=NO_VALIDATE)
+
+
+def test_data_aware_refits_a_sparse_weights_codewords_and_keeps_its_zeros():
+    w = sparse_weight((128, 64), 0.15, seed=5)
+    proto = matmul_model(w, rows=400)
+    x = correlated_inputs(400, 128, 6).astype(np.float32)
+    setting = "codebook:bits=1,min_size=1"  # auto: 1 bit a weight on average, zeros included
+    plain, _ = compress(proto, [setting], [{"X": x}], options=NO_VALIDATE)
+    aware, report = compress(proto, [setting + ",data_aware=true"], [{"X": x}], options=NO_VALIDATE)
+    detail = report.passes[0].layers[0].detail
+    assert detail["storage"] == "sparse"
+    assert detail["output_error"]["after"] < detail["output_error"]["before"]
+    assert detail["entries"] - detail["fillers"] == (w != 0).sum()  # the zeros stayed zeros
+    want = run(proto, {"X": x})[0]
+    errors = [np.linalg.norm(run(m, {"X": x})[0] - want) for m in (plain, aware)]
+    assert errors[1] < errors[0]
