@@ -26,7 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcompress.passes.codebook.fit import RowQuantizer
-from onnxcompress.passes.codebook.sparse import advances_of, cheapest_advance_bits, sparse_bytes
+from onnxcompress.passes.codebook.sparse import (
+    SPARSE_EXTRA_BYTES,
+    advances_of,
+    cheapest_advance_bits,
+    sparse_bytes,
+)
 
 BITS = range(1, 9)
 #: A choice that loses more of the layer's output than this is not weighed: errors add up
@@ -39,12 +44,19 @@ MAX_LAYER_ERROR = 0.15
 MEASURED_VALUES = 1 << 21
 
 
-def decoder_overhead(name: str) -> int:
-    """Bytes a weight's decoder adds to a file besides its indices and codebooks, about: some
-    nine nodes, each naming the weight three times (node, output, the next node's input) and
-    tagged with the pass, and two shape constants (1.1-1.9 KB a weight on ppocrv4_det and
-    ultraface, where a flat 400 bytes left a size target 6-20% short)."""
-    return 9 * (3 * (len(name.encode()) + 24) + 60) + 250
+#: What one decoder node takes in a saved file: its op type, a numbered name, short value
+#: names (``cb12``), the pass tag and attributes (75-118 bytes measured, ~85 typical).
+NODE_BYTES = 85
+#: Decoder nodes of a weight, about: dense 5-8 (more for odd widths, which sum bit planes).
+DENSE_NODES = 8
+
+
+def decoder_overhead(name: str, nodes: int = DENSE_NODES) -> int:
+    """Bytes a weight's decoder adds to a file besides its indices and codebooks: its nodes,
+    and some four constants of its own (shapes, counts), each named after the weight and
+    read by name (about 1.2 KB a weight on ppocrv4_det and ultraface with the old weight-long
+    node names; a dense MNIST decoder measures 0.5-0.9 KB now)."""
+    return nodes * NODE_BYTES + 4 * (2 * len(name.encode()) + 30)
 
 
 @dataclass(frozen=True)
@@ -85,9 +97,11 @@ def measure_choices(
     itemsize: int,
     float_bytes: int | None = None,
     bits: range = BITS,
+    overhead: int = 0,
 ) -> LayerChoices:
     """Every (bits, granularity) of the weight ``rows`` ``[C, L]`` with its bytes and error,
     codebooks of ``itemsize`` bytes an entry; and leaving it float (``float_bytes``), if given.
+    Every codebook choice also costs ``overhead`` bytes (its decoder, for a file-size goal).
 
     ``importance`` (broadcastable to ``rows``) is E[x²] of the input each weight multiplies."""
     channels, shape = len(rows), rows.shape
@@ -104,7 +118,7 @@ def measure_choices(
         weights = None if full is None else grouped_rows(full, groups, order)[0]
         quantizer = RowQuantizer(grouped)  # weighting the fit by E[x²] measured worse
         for b in bits:
-            nbytes = stored_bytes(shape, groups, b, itemsize)
+            nbytes = stored_bytes(shape, groups, b, itemsize) + overhead
             if float_bytes is not None and nbytes >= float_bytes:
                 break  # float is exact for fewer bytes (and wider codebooks cost more)
             if groups > 1 and 2 * groups * (1 << b) * itemsize > nbytes:
@@ -123,12 +137,14 @@ def measure_sparse_choices(
     float_bytes: int | None = None,
     always_sparse: bool = False,
     bits: range = BITS,
+    overhead: int = 0,
 ) -> LayerChoices:
     """The choices of a mostly-zero weight: one codebook for the tensor whose first codeword
     is an exact zero (the zeros stay zeros, the other ``2^b - 1`` codewords fit the non-zeros),
     stored sparse (advances and indices of the non-zeros, ``sparse.py``) or dense, whichever is
-    smaller (sparse only when ``always_sparse``). Per-channel codebooks are not weighed: a
-    channel keeps a few non-zeros, fewer than its codebook would hold."""
+    smaller (sparse only when ``always_sparse``), each costing ``overhead`` bytes more (its
+    decoder; the sparse one's ``SPARSE_EXTRA_BYTES`` more still). Per-channel codebooks are
+    not weighed: a channel keeps a few non-zeros, fewer than its codebook would hold."""
     values = rows.ravel()
     nonzero = values != 0
     kept = values[nonzero]
@@ -143,9 +159,10 @@ def measure_sparse_choices(
     choices = [] if float_bytes is None else [Choice(None, 0, float_bytes, 0.0)]
     for b in bits:
         advance_bits, entries = cheapest_advance_bits(advances, b)
-        nbytes = sparse_bytes(entries, advance_bits, b) + (1 << b) * itemsize
+        sparse = sparse_bytes(entries, advance_bits, b) + (1 << b) * itemsize
+        nbytes = sparse + SPARSE_EXTRA_BYTES + overhead
         if not always_sparse:
-            nbytes = min(nbytes, stored_bytes(rows.shape, 1, b, itemsize))
+            nbytes = min(nbytes, stored_bytes(rows.shape, 1, b, itemsize) + overhead)
         if float_bytes is not None and nbytes >= float_bytes:
             break
         error = 0.0

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.emit import Emitter
 from onnxcompress.graph import default_opset, values_problem, weight_array
 from onnxcompress.passes.base import (
     CompressionPass,
@@ -47,11 +48,13 @@ from onnxcompress.passes.codebook.refine import (
 )
 from onnxcompress.passes.codebook.sparse import (
     MIN_ZERO_SHARE,
+    SPARSE_EXTRA_BYTES,
     SparseEntries,
     encode,
     sparse_bytes,
     zero_share,
 )
+from onnxcompress.passes.quant.batchnorm import fold_batchnorms
 from onnxcompress.progress import Steps
 
 SCHEMES = ("scalar", "pq", "binary", "ternary")
@@ -90,6 +93,9 @@ class Codebook(CompressionPass):
         # how indices are stored: auto (sparse when smaller), dense (every index), or sparse
         # (only non-zero codewords and the advance to each, whenever the zeros allow)
         storage: str = "auto"
+        # fold Conv -> BatchNormalization first (exact; onnxruntime fuses them when it loads the
+        # model anyway), so the four BN vectors are not stored: 2.5 KB of a 10 KB MNIST CNN
+        fold_batchnorm: bool = False
         data_aware: bool = False  # refine codebooks and biases on the calibration data
         ops: tuple[str, ...] = ()  # only weights read by these op types (all when empty)
         exclude: tuple[str, ...] = ()  # weight or node-name glob patterns to leave alone
@@ -163,6 +169,9 @@ class Codebook(CompressionPass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassReport:
         report = PassReport(self.name, self.config_dict())
+        if self.config.fold_batchnorm:
+            folded = fold_batchnorms(model, Emitter(model, self.name))
+            report.notes.append(f"codebook: folded {folded} BatchNormalization(s) into convs")
         chosen = self._chosen(model, report)
         stats = self._stats(model, chosen, ctx, report)
         plan = {}
@@ -352,7 +361,7 @@ class Codebook(CompressionPass):
     def _sparse_entries(self, fit: CodebookFit, bits: int, opset: int) -> SparseEntries | None:
         """The non-zero codewords as sparse entries when stored that way: with
         ``storage=sparse`` whenever the fit has the zero codewords fillers need, with auto when
-        the entries take fewer bytes than the dense indices."""
+        the entries and their longer decoder take fewer bytes than the dense indices."""
         storage = self.config.storage
         if storage == "dense" or self.config.scheme == "pq":
             return None
@@ -362,7 +371,7 @@ class Codebook(CompressionPass):
         if entries is None or storage == "sparse":
             return entries
         dense = PackedIndices.of(fit.indices, bits, opset)
-        stored = sparse_bytes(entries.entries, entries.advance_bits, bits)
+        stored = sparse_bytes(entries.entries, entries.advance_bits, bits) + SPARSE_EXTRA_BYTES
         return entries if stored < stored_nbytes(dense.stored) else None
 
     def _grouped(self, rows: np.ndarray) -> np.ndarray:

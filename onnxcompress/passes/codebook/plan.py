@@ -50,8 +50,8 @@ class Goal:
         total = _file_bytes(model)
         rest = total - sum(value.const_value.nbytes for value in chosen)
         target = target_bytes(self.size, total)
-        budget = target - rest - sum(decoder_overhead(value.name) for value in chosen)
-        return budget, f"size={self.size}: a file of {target:,.0f} bytes"
+        # each codebook choice carries its decoder's bytes (``plan_layers``)
+        return target - rest, f"size={self.size}: a file of {target:,.0f} bytes"
 
 
 def _file_bytes(model: ir.Model) -> int:
@@ -82,13 +82,17 @@ def plan_layers(
     for value in chosen:
         weight, _, rows, power = weighed_rows(value, stats)
         itemsize = codebook_dtype(weight.dtype).itemsize
+        # a file-size goal counts each decoder's nodes: a small weight may cost less float
+        overhead = decoder_overhead(value.name) if goal.size is not None else 0
         if storage != "dense" and zero_share(rows) >= MIN_ZERO_SHARE:
             always = storage == "sparse"
             measured = measure_sparse_choices(
-                value.name, rows, power, itemsize, weight.nbytes, always
+                value.name, rows, power, itemsize, weight.nbytes, always, overhead=overhead
             )
         else:
-            measured = measure_choices(value.name, rows, power, itemsize, weight.nbytes)
+            measured = measure_choices(
+                value.name, rows, power, itemsize, weight.nbytes, overhead=overhead
+            )
         layers.append(measured)
         steps.done()
     gains = _gains(model, chosen, stats, ctx, report)
