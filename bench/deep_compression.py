@@ -35,6 +35,7 @@ from onnxcompress.report import table  # noqa: E402
 
 DECODE_OPS = {"ScatterElements", "CumSum", "GatherND", "Gather", "BitShift", "Mod"}
 SPARSITY = "sparsity:ratio={ratio},scope=global,repair=lstsq,damping=0.01"
+STORE = "min_size=1,data_aware=true,fold_batchnorm=true"
 #: Per model: the input name, whether it is flat, batch size of its feeds, the recipes.
 MODELS = {
     "mlp": {
@@ -42,8 +43,8 @@ MODELS = {
         "flat": True,
         "recipes": [
             ["codebook:bits=4"],
-            [SPARSITY.format(ratio=0.93), "codebook:size=40x,min_size=1"],
-            [SPARSITY.format(ratio=0.95), "codebook:size=45x,min_size=1"],
+            [SPARSITY.format(ratio=0.93), f"codebook:size=40x,{STORE}"],
+            [SPARSITY.format(ratio=0.95), f"codebook:size=45x,{STORE}"],
         ],
     },
     "cnn": {
@@ -51,8 +52,8 @@ MODELS = {
         "flat": False,
         "recipes": [
             ["codebook:bits=4"],
-            [SPARSITY.format(ratio=0.9), "codebook:bits=4,min_size=1"],
-            [SPARSITY.format(ratio=0.9), "codebook:size=30x,min_size=1"],
+            [SPARSITY.format(ratio=0.9), f"codebook:size=12x,{STORE}"],
+            [SPARSITY.format(ratio=0.9), f"codebook:size=30x,{STORE}"],
         ],
     },
     "mnist8": {
@@ -60,7 +61,7 @@ MODELS = {
         "flat": False,
         "recipes": [
             ["codebook:bits=4,min_size=1"],
-            [SPARSITY.format(ratio=0.8), "codebook:bits=4,min_size=1"],
+            [SPARSITY.format(ratio=0.8), f"codebook:size=8x,{STORE}"],
         ],
     },
 }
@@ -207,7 +208,7 @@ def big_layer(folder: Path) -> list[str]:
     onnx.save(proto, path)
     recipe = ["sparsity:ratio=0.9", "codebook:bits=4,granularity=tensor"]
     start = time.perf_counter()
-    model, report = compress(str(path), recipe, options=Options(validate=False))
+    model, _ = compress(str(path), recipe, options=Options(validate=False))
     seconds = time.perf_counter() - start
     out = folder / "big_out.onnx"
     save(model, out)

@@ -44,8 +44,8 @@ MAX_LAYER_ERROR = 0.15
 MEASURED_VALUES = 1 << 21
 
 
-#: What one decoder node takes in a saved file: its op type, a numbered name, short value
-#: names (``cb12``), the pass tag and attributes (75-118 bytes measured, ~85 typical).
+#: What one decoder node takes in a saved file: its op type, short node and value names
+#: (``cb12``), the pass tag and attributes (about 85 bytes with the constants it reads).
 NODE_BYTES = 85
 #: Decoder nodes of a weight, about: dense 5-8 (more for odd widths, which sum bit planes).
 DENSE_NODES = 8
@@ -54,8 +54,8 @@ DENSE_NODES = 8
 def decoder_overhead(name: str, nodes: int = DENSE_NODES) -> int:
     """Bytes a weight's decoder adds to a file besides its indices and codebooks: its nodes,
     and some four constants of its own (shapes, counts), each named after the weight and
-    read by name (about 1.2 KB a weight on ppocrv4_det and ultraface with the old weight-long
-    node names; a dense MNIST decoder measures 0.5-0.9 KB now)."""
+    read by name (1.1-1.9 KB a weight on ppocrv4_det and ultraface with the old weight-long
+    node names; 0.55-0.9 KB measured now for a dense decoder, 1.5-1.7 KB for a sparse one)."""
     return nodes * NODE_BYTES + 4 * (2 * len(name.encode()) + 30)
 
 

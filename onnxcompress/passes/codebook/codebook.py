@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxcompress.emit import Emitter
 from onnxcompress.graph import default_opset, values_problem, weight_array
@@ -171,6 +172,7 @@ class Codebook(CompressionPass):
         report = PassReport(self.name, self.config_dict())
         if self.config.fold_batchnorm:
             folded = fold_batchnorms(model, Emitter(model, self.name))
+            RemoveUnusedNodesPass()(model)  # the unfolded weights and BN vectors: not the file's
             report.notes.append(f"codebook: folded {folded} BatchNormalization(s) into convs")
         chosen = self._chosen(model, report)
         stats = self._stats(model, chosen, ctx, report)

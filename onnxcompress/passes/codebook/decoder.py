@@ -217,13 +217,14 @@ class DecoderBuilder:
     def _op(self, op_type: str, inputs: list[ir.Value], **attributes) -> ir.Value:
         """A decoder node (inserted later, with all the others), and its output.
 
-        Decoder nodes are tagged but not named here (onnx_ir numbers them on saving), and
-        their outputs get short names (``cb12``): a name is stored with every node that makes
-        or reads the value, and weight-long names took ~100 bytes a node, 9.5 KB of a 59 KB
-        sparse MLP."""
+        Decoder nodes are tagged with the pass, and they and their outputs get short names
+        (``cb12``): a value's name is stored with every node that makes or reads it, and
+        weight-long names took ~100 bytes a node, 9.5 KB of a 59 KB sparse MLP (unnamed nodes
+        get onnx_ir's ``node_ScatterElements_13`` on saving)."""
         node = self.emitter.node(op_type, inputs, attributes)
         self._made += 1
         node.outputs[0].name = self.emitter.namer.fresh(f"cb{self._made}")
+        node.name = node.outputs[0].name
         self.nodes.append(node)
         return node.outputs[0]
 
