@@ -173,3 +173,24 @@ def test_data_aware_refits_a_sparse_weights_codewords_and_keeps_its_zeros():
     want = run(proto, {"X": x})[0]
     errors = [np.linalg.norm(run(m, {"X": x})[0] - want) for m in (plain, aware)]
     assert errors[1] < errors[0]
+
+
+def test_fold_batchnorm_stores_no_batchnorm_and_keeps_the_outputs():
+    from tests.passes.prune.channel_models import COUPLING_CASES, build, feed_for
+
+    proto = build(COUPLING_CASES["conv_bn"])
+    setting = "codebook:bits=8,granularity=channel,min_size=1,fold_batchnorm=true"
+    result, report = compress(proto, [setting], options=NO_VALIDATE)
+    assert "BatchNormalization" not in {node.op_type for node in result.graph.node}
+    assert any("folded" in note for note in report.passes[0].notes)
+    feed = feed_for(proto)
+    want, got = run(proto, feed)[0], run(result, feed)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
+
+
+def test_a_size_goal_leaves_a_weight_float_when_its_decoder_outweighs_it():
+    rng = np.random.default_rng(4)
+    proto = matmul_model(rng.standard_normal((12, 12)))  # 576 bytes: less than any decoder
+    _, report = compress(proto, ["codebook:size=1.5x,min_size=1"], options=NO_VALIDATE)
+    layer = report.passes[0].layers[0]
+    assert layer.action == "skipped" and "left float" in layer.reason
