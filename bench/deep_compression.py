@@ -52,6 +52,7 @@ MODELS = {
         "flat": False,
         "recipes": [
             ["codebook:bits=4"],
+            [SPARSITY.format(ratio=0.9), f"codebook:size=10x,{STORE}"],
             [SPARSITY.format(ratio=0.9), f"codebook:size=12x,{STORE}"],
             [SPARSITY.format(ratio=0.9), f"codebook:size=30x,{STORE}"],
         ],

@@ -92,19 +92,25 @@ class DecoderBuilder:
     def _indices(self, packed: PackedIndices, flat: bool) -> ir.Value:
         """int64 indices shaped ``[G, ..., 1]`` (``[G, count, 1]`` if padded or ``flat``)."""
         stored = self._stored("indices", packed.stored)
-        if packed.layout in ("uint8", "uint4"):
-            return self._op("Cast", [stored], to=ir.DataType.INT64)
-        unpacked = self._unpacked_fields(stored, packed.bits, packed.layout)
-        if packed.padded == packed.count and not flat:
+        unpacked = self._unpacked(stored, packed)
+        if packed.layout in ("uint8", "uint4") or (packed.padded == packed.count and not flat):
             return unpacked
         shape = self._constant("shape", np.array([packed.groups, packed.padded, 1], np.int64))
         rows = self._op("Reshape", [unpacked, shape])
-        if packed.padded == packed.count:
-            return rows
+        return rows if packed.padded == packed.count else self._first(rows, packed.count, 1)
+
+    def _unpacked(self, stored: ir.Value, packed: PackedIndices) -> ir.Value:
+        """The stored values as int64: a Cast for whole bytes and UINT4, else the fields."""
+        if packed.layout in ("uint8", "uint4"):
+            return self._op("Cast", [stored], to=ir.DataType.INT64)
+        return self._unpacked_fields(stored, packed.bits, packed.layout)
+
+    def _first(self, value: ir.Value, count: int, axis: int) -> ir.Value:
+        """The first ``count`` values along ``axis`` (packing pads each row to whole bytes)."""
         starts = self._shared_constant("zero", np.array([0], np.int64))
-        ends = self._constant("count", np.array([packed.count], np.int64))
-        axes = self._shared_constant("axis1", np.array([1], np.int64))
-        return self._op("Slice", [rows, starts, ends, axes])
+        ends = self._constant("count", np.array([count], np.int64))
+        axes = self._shared_constant(f"axis{axis}", np.array([axis], np.int64))
+        return self._op("Slice", [value, starts, ends, axes])
 
     def _scattered(
         self, fit: CodebookFit, bits: int, sparse: SparseEntries, dtype: np.dtype
@@ -127,7 +133,7 @@ class DecoderBuilder:
         stored = self.detail["entries_bytes"]
         positions = round(stored * sparse.advance_bits / sparse.width)
         self.detail.update(positions_bytes=positions, indices_bytes=stored - positions)
-        width = self._constant("width", np.array(1 << bits, np.int64))
+        width = self._shared_constant(f"width{bits}", np.array(1 << bits, np.int64))
         indices = self._op("Mod", [fields, width])
         axis = self._shared_constant("axis", np.array(0, np.int64))  # CumSum takes a scalar
         positions = self._op("CumSum", [self._op("Div", [fields, width]), axis])
@@ -145,18 +151,9 @@ class DecoderBuilder:
         packed = PackedIndices.of(np.asarray(values)[None], bits, self.opset)
         stored = self._stored(kind, packed.stored)
         self.detail[f"{kind}_layout"] = packed.layout
-        if packed.layout in ("uint8", "uint4"):
-            unpacked = self._op("Cast", [stored], to=ir.DataType.INT64)
-        else:
-            unpacked = self._unpacked_fields(stored, packed.bits, packed.layout)
         flat_shape = self._shared_constant("flat", np.array([-1], np.int64))
-        flat = self._op("Reshape", [unpacked, flat_shape])
-        if packed.padded == packed.count:
-            return flat
-        starts = self._shared_constant("zero", np.array([0], np.int64))
-        ends = self._constant("count", np.array([packed.count], np.int64))
-        axis = self._shared_constant("axis0", np.array([0], np.int64))
-        return self._op("Slice", [flat, starts, ends, axis])
+        flat = self._op("Reshape", [self._unpacked(stored, packed), flat_shape])
+        return flat if packed.padded == packed.count else self._first(flat, packed.count, 0)
 
     def _unpacked_fields(self, stored: ir.Value, bits: int, layout: str) -> ir.Value:
         """The bit fields (or bit planes, summed) of the packed bytes, as int64."""
