@@ -361,8 +361,8 @@ class Codebook(CompressionPass):
         return self.config.storage != "dense" and zero_share(rows) >= MIN_ZERO_SHARE
 
     def _sparse_entries(self, fit: CodebookFit, bits: int, opset: int) -> SparseEntries | None:
-        """The non-zero codewords as sparse entries when stored that way: with
-        ``storage=sparse`` whenever the fit has the zero codewords fillers need, with auto when
+        """The non-zero codewords as sparse entries when stored that way: always with
+        ``storage=sparse`` (scalar codewords), with auto when the weight is mostly zeros and
         the entries and their longer decoder take fewer bytes than the dense indices."""
         storage = self.config.storage
         if storage == "dense" or self.config.scheme == "pq":
