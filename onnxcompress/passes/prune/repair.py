@@ -182,9 +182,12 @@ def has_intercept(node: ir.Node) -> bool:
     )
 
 
-def current_matrix(node: ir.Node, features: int) -> np.ndarray:
-    """The layer's weights as the ``[features(+1), outputs]`` matrix the rows multiply."""
-    weight = np.asarray(node.inputs[1].const_value.numpy(), dtype=np.float64)
+def current_matrix(node: ir.Node, features: int, weight: np.ndarray | None = None) -> np.ndarray:
+    """The layer's weights (or ``weight`` in their stead) as the ``[features(+1), outputs]``
+    matrix the rows multiply."""
+    if weight is None:
+        weight = node.inputs[1].const_value.numpy()
+    weight = np.asarray(weight, dtype=np.float64)
     out = weight_axes(node).out
     matrix = np.moveaxis(weight, out, -1).reshape(-1, weight.shape[out])
     if node.op_type == "Gemm":
@@ -221,7 +224,9 @@ def _solve_and_store(target: Target, damping: float, emitter: Emitter) -> RefitR
     if target.mask is None:
         solved = _ridge_solve(gram, cross, current, ridge)
     elif target.reselect_steps:
-        solved = reselect_mask(gram, cross, current, target, ridge)
+        # chosen again from all the weights: the zeroed ones may come back
+        original = current_matrix(node, len(gram), target.weight_before)
+        solved = reselect_mask(gram, cross, original, target, ridge)
     else:
         solved = _masked_solve(gram, cross, current, target.mask, ridge)
     before, after = moments.error(current), moments.error(solved)
@@ -258,7 +263,8 @@ def _merged(first: SecondMoments, second: SecondMoments | None) -> SecondMoments
 
 
 def reselect_mask(gram, cross, current, target: Target, ridge: float) -> np.ndarray:
-    """Gradual activation-aware sparsification: over ``target.reselect_steps`` steps each
+    """Gradual activation-aware sparsification of the weights ``current`` as the pass found
+    them (not yet zeroed): over ``target.reselect_steps`` steps each
     output keeps geometrically fewer weights (ending at as many as ``target.mask`` keeps in
     that output), chosen by |w|·‖x‖ (Wanda's saliency: the weight times its input's norm on
     the data), the kept ones refitted by least squares after every step. Refitting between

@@ -85,7 +85,7 @@ class Sparsity(CompressionPass):
         originals = {id(node): _weight(node) for node in layers}
         threshold = self._global_threshold(layers) if self.config.scope == "global" else None
         masks = {id(node): self._mask(originals[id(node)], threshold) for node in layers}
-        targets = self._repair_targets(layers, masks, self._reselect_steps(ctx))
+        targets = self._repair_targets(layers, masks, self._reselect_steps(ctx), originals)
         with self._teacher(model, targets, ctx) or nullcontext() as teacher:
             for node in layers:
                 set_constant(node.inputs[1], np.where(masks[id(node)], originals[id(node)], 0))
@@ -145,7 +145,7 @@ class Sparsity(CompressionPass):
             return None
         return self.config.steps
 
-    def _repair_targets(self, layers, masks, reselect_steps: int | None) -> list[Target]:
+    def _repair_targets(self, layers, masks, reselect_steps: int | None, originals) -> list[Target]:
         """With ``repair=lstsq``: every layer, its mask laid out as the refit's
         ``[inputs, outputs]`` matrix."""
         if self.config.repair != "lstsq":
@@ -154,7 +154,10 @@ class Sparsity(CompressionPass):
         for node in layers:
             mask, out = masks[id(node)], weight_axes(node).out
             flat = np.moveaxis(mask, out, -1).reshape(-1, mask.shape[out])
-            targets.append(Target(node, mask=flat, reselect_steps=reselect_steps))
+            original = originals[id(node)] if reselect_steps else None
+            targets.append(
+                Target(node, mask=flat, reselect_steps=reselect_steps, weight_before=original)
+            )
         return targets
 
     def _teacher(self, model, targets: list[Target], ctx: PassContext) -> Runner | None:
