@@ -147,11 +147,14 @@ def test_auto_storage_picks_the_smaller_form():
 def test_sparse_conv_weight_with_float16_codebook_is_exact_at_its_distinct_values():
     w = sparse_weight((32, 16, 3, 3), 0.1).round(1)  # few distinct values: an exact codebook
     proto = conv_model(w)
-    setting = "codebook:bits=6,granularity=tensor,storage=sparse"
+    setting = "codebook:bits=6,granularity=tensor,codebook_dtype=float16,storage=sparse"
     result, report = compress(proto, [setting], options=NO_VALIDATE)
     assert report.passes[0].layers[0].detail["storage"] == "sparse"
+    dense, _ = compress(proto, [setting.replace("sparse", "dense")], options=NO_VALIDATE)
     feed = random_feed(proto)
-    np.testing.assert_allclose(run(result, feed)[0], run(proto, feed)[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(run(result, feed)[0], run(dense, feed)[0])
+    rounded = conv_model(w.astype(np.float16).astype(np.float32))  # the codebook's precision
+    np.testing.assert_allclose(run(result, feed)[0], run(rounded, feed)[0], atol=1e-4, rtol=1e-4)
 
 
 def test_storage_option_is_checked():
