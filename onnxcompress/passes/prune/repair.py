@@ -264,14 +264,14 @@ def _merged(first: SecondMoments, second: SecondMoments | None) -> SecondMoments
 
 def reselect_mask(gram, cross, current, target: Target, ridge: float) -> np.ndarray:
     """Gradual activation-aware sparsification of the weights ``current`` as the pass found
-    them (not yet zeroed): over ``target.reselect_steps`` steps each
-    output keeps geometrically fewer weights (ending at as many as ``target.mask`` keeps in
-    that output), chosen by |w|·‖x‖ (Wanda's saliency: the weight times its input's norm on
-    the data), the kept ones refitted by least squares after every step. Refitting between
-    steps lets the survivors take over the work of the dropped ones before the next choice,
-    and the norm keeps weights on inputs that are large, where magnitude alone does not look
-    (MNIST MLP at 93% sparsity: 0.9785 held-out accuracy against 0.9755 in one step and
-    0.9705 by magnitude, float 0.9815). ``target.mask`` is replaced by the final mask."""
+    them (not yet zeroed): over ``target.reselect_steps`` steps each output keeps
+    geometrically fewer weights (ending at as many as ``target.mask`` keeps in that output),
+    chosen by |w|·‖x‖ (Wanda's saliency: the weight times its input's norm on the data), the
+    kept ones refitted by least squares after every step. Refitting between steps lets the
+    survivors take over the work of the dropped ones before the next choice, and the norm
+    keeps weights on inputs that are large, where magnitude alone does not look (MNIST MLP at
+    95% sparsity, damping 0.01: 0.9775 held-out accuracy against 0.968 by magnitude with the
+    same refit, float 0.9815). ``target.mask`` is replaced by the final mask."""
     mask = target.mask
     features = mask.shape[0]
     final = mask.sum(axis=0)
