@@ -47,6 +47,8 @@ class Runner:
     onnxruntime's intra-op threads (default: its own choice, one per physical core).
     ``shapes_only`` exposes the shapes of the extras instead of their values (small vectors).
     ``release`` lets the session go until the next run opens it again; ``close`` for good.
+    ``overridable`` names initializers exposed as graph inputs too: a run may feed a value
+    in their place (probes).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class Runner:
         threads: int | None = None,
         *,
         shapes_only: bool = False,
+        overridable: Sequence[str] = (),
     ) -> None:
         self._tmp: Path | None = None
         self._folder = external_folder  # where external data lives, for bytes sources
@@ -68,6 +71,7 @@ class Runner:
         self._whole = False  # set when a capture's parts did not join: feeds run whole
         options, self._run_options = _options(threads, shapes_only)
         self._options, self._extra = options, list(dict.fromkeys(extra_outputs))
+        self._overridable = set(overridable)
         self.label, self._closed = label, False
         try:
             self._origin = self._keep(model)
@@ -96,11 +100,12 @@ class Runner:
 
     def _open(self) -> ort.InferenceSession:
         source = self._origin
-        if self._extra:
+        if self._extra or self._overridable:
             if isinstance(source, bytes):
                 proto = onnx.load_from_string(source)
             else:
                 proto = onnx.load(source, load_external_data=False)
+            _expose_initializers(proto.graph, self._overridable)
             source = self._with_outputs(proto, self._extra).SerializeToString()
         return ort.InferenceSession(source, self._options, providers=["CPUExecutionProvider"])
 
@@ -144,6 +149,13 @@ class Runner:
         """Another session on this runner's model exposing ``names``; close it after use
         (before this one, which owns any temporary file)."""
         return Runner(self._origin, label or self.label, names, self._folder, self.threads)
+
+    def with_overridable(self, names: Sequence[str], label: str | None = None) -> Runner:
+        """Another session on this runner's model in which the initializers ``names`` may be
+        fed; close it after use (before this one, which owns any temporary file)."""
+        return Runner(
+            self._origin, label or self.label, (), self._folder, self.threads, overridable=names
+        )
 
     def value_names(self) -> set[str]:
         """Every value this runner's model computes or takes in (weights not loaded)."""
@@ -242,6 +254,15 @@ class Runner:
             self._remove_tmp()
             self._tmp = None
         self.release()
+
+
+def _expose_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    """The initializers ``names`` listed as graph inputs too (their data stays where it is)."""
+    inputs = {value.name for value in graph.input}
+    for tensor in graph.initializer:
+        if tensor.name in names and tensor.name not in inputs:
+            info = onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            graph.input.append(info)
 
 
 def _joined(parts: Iterator[dict[str, np.ndarray]], samples: int) -> dict | None:

@@ -139,7 +139,7 @@ def _gains(model, chosen, stats, ctx: PassContext, report: PassReport) -> dict[s
     probe = functools.partial(_probe, stats=stats, biases=biases)
     samples = probe_samples(macs_per_sample(model, ctx.shapes, ctx.calibration))
     try:
-        fed = list(biases.values())
+        fed = {name: [bias] for name, bias in biases.items()}
         gains = output_gains(model, chosen, probe, ctx.calibration, fed, samples, ctx.progress)
     except CannotRun as exc:
         report.notes.append(f"codebook: gains not measured ({exc}): layer errors weighed alike")

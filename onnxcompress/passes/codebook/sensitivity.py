@@ -6,12 +6,12 @@ EfficientNet-Lite1 a 3×3 depthwise conv passes on 2-5% of it, the 1×1 projecti
 a residual stream 3-10 times it. So each weight is probed once (a 3-bit per-channel codebook)
 and the model's output error is measured with that weight alone changed; the ratio of the
 two errors is the weight's *gain*, and a choice's predicted output error is its layer error
-times the gain. All probes run in one onnxruntime session (``probes.ProbeSession``).
+times the gain. The probes share a few onnxruntime sessions (``probes.ProbeSession``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -32,15 +32,17 @@ def output_gains(
     weights: Sequence[ir.Value],
     probe: Probe,
     feeds: Sequence[Feed],
-    also: Sequence[ir.Value] = (),
+    also: Mapping[str, Sequence[ir.Value]] | None = None,
     samples: int = PROBE_SAMPLES[0],
     progress: Progress = None,
 ) -> dict[str, float]:
     """Per weight name: the model's output error (relative squared L2, summed over the
     outputs) with that weight alone replaced by its probe, over the probe's layer error.
-    ``also``: other initializers a probe may replace (biases)."""
+    ``also``: per weight name, other initializers its probe may replace (its bias)."""
+    also = also or {}
     label = "model for codebook sensitivity"
-    with ProbeSession(model, [*weights, *also], feeds, samples, label) as session:
+    probes = [[value, *also.get(value.name, ())] for value in weights]
+    with ProbeSession(model, probes, feeds, samples, label) as session:
         gains = {}
         steps = Steps(progress, "codebook: probing gains", len(weights))
         for value in weights:

@@ -125,7 +125,7 @@ class Planner:
     ) -> dict[int, list[Option]]:
         """Per group (by id): removing nothing, then each probed share."""
         found: dict[int, list[Option]] = {}
-        fed = [v for entry in weighed for v in _fed_values(self.cg, entry)]
+        fed = [_fed_values(self.cg, entry) for entry in weighed]
         samples = probe_samples(macs_per_sample, PROBE_MACS)
         with ProbeSession(model, fed, feeds, samples, "model for prune sensitivity") as session:
             for entry in weighed:
