@@ -223,6 +223,7 @@ class RowQuantizer:
         self.keys = ((ordered - self.low) / self.span + self.offsets).ravel()
         self.prefix = np.concatenate((np.zeros((groups, 1)), np.cumsum(ordered, axis=1)), 1)
         self.first = (np.arange(groups) * length)[:, None]
+        self.every = np.arange(groups)
         self.rows = rows
         self._ordered = ordered
         self._moments: tuple[np.ndarray, ...] | None = None
@@ -239,10 +240,10 @@ class RowQuantizer:
             self._weighted = weights is not None
         mass, first, second = self._moments
         centroids, _ = self.fit(k, labels=False)
-        starts, ends = self._intervals(centroids)
+        starts, ends = self._intervals(centroids, self.every)
 
         def within(prefix: np.ndarray) -> np.ndarray:
-            return np.take_along_axis(prefix, ends, 1) - np.take_along_axis(prefix, starts, 1)
+            return _between(prefix, self.every, starts, ends)
 
         error = within(second) - 2 * centroids * within(first) + centroids**2 * within(mass)
         return float(max(error.sum(), 0.0))
@@ -273,32 +274,40 @@ class RowQuantizer:
         (None when not asked for)."""
         length = self.shape[1]
         centroids = self.low + (self.high - self.low) * np.linspace(0.0, 1.0, k)
+        active = self.every  # the rows whose centroids still move
         for _ in range(self.ITERATIONS):
-            starts, ends = self._intervals(centroids)
+            current = centroids[active]
+            starts, ends = self._intervals(current, active)
             counts = ends - starts
-            sums = np.take_along_axis(self.prefix, ends, 1)
-            sums -= np.take_along_axis(self.prefix, starts, 1)
-            moved = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+            sums = _between(self.prefix, active, starts, ends)
+            moved = np.where(counts > 0, sums / np.maximum(counts, 1), current)
             moved.sort(axis=1)
-            # settled: no centroid moves by a thousandth of its row's span
-            settled = bool(np.all(np.abs(moved - centroids) <= 1e-3 * self.span))
-            centroids = moved
-            if settled:
+            centroids[active] = moved
+            # a row has settled when none of its centroids moves by a thousandth of its span
+            active = active[np.any(np.abs(moved - current) > 1e-3 * self.span[active], axis=1)]
+            if not active.size:
                 break
         if not labels:
             return centroids, None
-        starts, _ = self._intervals(centroids)
+        starts, _ = self._intervals(centroids, self.every)
         return centroids, _labels(starts, length)
 
-    def _intervals(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each cluster's [start, end) among the sorted values of its row."""
-        groups, length = self.shape
+    def _intervals(self, centroids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Each cluster's [start, end) among the sorted values of its row, for ``rows``."""
+        length = self.shape[1]
         bounds = (centroids[:, :-1] + centroids[:, 1:]) / 2
-        keys = ((bounds - self.low) / self.span + self.offsets).ravel()
-        cuts = np.searchsorted(self.keys, keys).reshape(groups, -1) - self.first
-        starts = np.concatenate((np.zeros((groups, 1), np.int64), cuts), axis=1)
-        ends = np.concatenate((cuts, np.full((groups, 1), length)), axis=1)
+        keys = ((bounds - self.low[rows]) / self.span[rows] + self.offsets[rows]).ravel()
+        cuts = np.searchsorted(self.keys, keys).reshape(len(rows), -1) - self.first[rows]
+        starts = np.concatenate((np.zeros((len(rows), 1), np.int64), cuts), axis=1)
+        ends = np.concatenate((cuts, np.full((len(rows), 1), length)), axis=1)
         return starts, ends
+
+
+def _between(prefix: np.ndarray, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    """prefix[row, end] − prefix[row, start] for each of ``rows`` (gathered flat: no copy of
+    the rows' prefixes)."""
+    flat, base = prefix.ravel(), (rows * prefix.shape[1])[:, None]
+    return flat[base + ends] - flat[base + starts]
 
 
 def _labels(starts: np.ndarray, length: int) -> np.ndarray:
