@@ -129,8 +129,9 @@ def run_recipe(
         if reference is not None:  # its session opens again when a pass or validation runs it
             reference.release()
         model = _upgrade_opset(model, passes, notes)
+        shapes = resolve_shapes(model, input_shapes)  # the first pass's too: nothing changed
         report = CompressionReport(
-            before=_stats(model, resolve_shapes(model, input_shapes), loaded.path),
+            before=_stats(model, shapes, loaded.path),
             normalization=notes,
             input_shapes=input_shapes,
             source=str(loaded.path) if loaded.path else None,
@@ -144,7 +145,9 @@ def run_recipe(
             progress=options.progress,
         )
         for compression_pass in passes:
-            report.passes.append(_run_pass(compression_pass, model, ctx, input_shapes, baseline))
+            ctx.shapes = shapes or resolve_shapes(model, input_shapes)
+            shapes = None  # later passes see the model the one before left
+            report.passes.append(_run_pass(compression_pass, model, ctx, baseline))
         model.metadata_props[RECIPE_METADATA_KEY] = json.dumps(recipe.to_dict())
         report.after = _stats(model, resolve_shapes(model, input_shapes), None)
         if options.validate and reference is not None:
@@ -250,8 +253,7 @@ def resolve_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> Shape
     return shapes
 
 
-def _run_pass(compression_pass, model, ctx, input_shapes, baseline):
-    ctx.shapes = resolve_shapes(model, input_shapes)
+def _run_pass(compression_pass, model, ctx, baseline):
     logger.info("running pass %s", compression_pass.name)
     report = compression_pass.run(model, ctx)
     RemoveUnusedNodesPass()(model)

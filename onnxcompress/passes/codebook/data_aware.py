@@ -18,8 +18,10 @@ from onnxcompress.stats import ChannelMean, SecondMoments, captured_parts, outpu
 #: Gram matrices are kept for inputs up to this many features, and this many bytes in all.
 MAX_GRAM_FEATURES = 4096
 GRAM_BUDGET_BYTES = 128 << 20  # counted as two float64 sums while they are gathered
-#: A pointwise conv's Gram matrix takes at most this many pixels of each sample.
-GRAM_ROWS = 1024
+#: A pointwise conv's Gram matrix takes at most this many pixels of each sample: on
+#: EfficientNet-Lite1 (50 images a fold) 256 gave the same top-1, agreement and logits error
+#: as 1024 (0.87 / 0.94 / 0.078) with the per-fold time from 43 s to 29 s.
+GRAM_ROWS = 256
 #: Rows of a Gram matrix held before they are multiplied (see ``_BufferedGram``).
 PENDING_ROWS = 256
 _LABEL = "model for calibration statistics"
