@@ -63,7 +63,9 @@ def run(
 
     chosen = [tasks[index] for index in todo]
     try:
-        if executor == "ray":
+        if not chosen:  # all done before: no worker, no Ray to start
+            pass
+        elif executor == "ray":
             ray_executor.run(chosen, jobs, address, on_result)
         else:
             local.run(chosen, jobs, on_result)
