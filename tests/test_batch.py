@@ -288,3 +288,31 @@ def test_driver_tasks_name_outputs_from_the_manifest_first(tmp_path):
     tasks = driver.tasks(members, tmp_path / "out")
     assert [t.target.name for t in tasks] == ["m-1.onnx", "m.onnx"]
     assert tasks[0].fingerprint == tasks[1].fingerprint
+
+
+def test_a_ray_that_cannot_be_reached_is_one_line_exit_2(tmp_path, monkeypatch):
+    class Unreachable:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kwargs):
+            raise ConnectionError(f"Could not find any running Ray instance at {kwargs['address']}")
+
+    monkeypatch.setitem(sys.modules, "ray", Unreachable)
+    models, out = _models(tmp_path / "models", count=1), tmp_path / "out"
+    args = ["--executor", "ray", "--address", "auto"]
+    result = invoke("batch", models, "-o", out, *LOWRANK, *args)
+    assert_one_clear_line(result, 2, "cannot start or reach Ray at auto", "running Ray instance")
+    assert not (out / "m0.onnx").exists()
+
+
+def test_a_ray_task_asks_for_memory_in_proportion_to_the_model(tmp_path):
+    from onnxcompress.batch import ray_executor
+
+    models = _models(tmp_path, count=1)
+    task = core.Task(models / "m0.onnx", tmp_path / "o.onnx", None, "")
+    size = (models / "m0.onnx").stat().st_size
+    assert ray_executor.task_memory(task) == (512 << 20) + 2 * size
+    assert ray_executor.task_memory(task, largest_node=100 << 20) == 100 << 20

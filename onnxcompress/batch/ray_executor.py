@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 from onnxcompress.batch.core import Task, convert, failed, input_bytes
@@ -69,15 +70,17 @@ def _connect(ray: Any, address: str | None, jobs: int) -> bool:
         return False
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
     try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:
-            ray.init(
-                num_cpus=jobs,
-                object_store_memory=_OBJECT_STORE_BYTES,
-                include_dashboard=False,
-                **quiet,
-            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Ray Client warns, then raises: one line is ours
+            if address:
+                ray.init(address=address, **quiet)
+            else:
+                ray.init(
+                    num_cpus=jobs,
+                    object_store_memory=_OBJECT_STORE_BYTES,
+                    include_dashboard=False,
+                    **quiet,
+                )
     except Exception as exc:  # ConnectionError, a bad address, a version mismatch
         where = f"Ray at {address}" if address else "a local Ray"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
