@@ -399,7 +399,10 @@ def batch(
         members += batch_manifest.read(manifest, job, default_recipe=has_recipe)
     if not members:
         raise _Fail("no .onnx models found in the given inputs", EXIT_USAGE)
-    tasks = driver.tasks(members, output_dir)
+    try:
+        tasks = driver.tasks(members, output_dir)  # hashes the calibration data: may take a while
+    except KeyboardInterrupt:
+        raise _Fail("interrupted before any model ran", driver.Interrupted.exit_code) from None
     results = driver.run(tasks, output_dir, executor, jobs, address, force, _progress())
     rows = [[r["model"], r["status"], r.get("detail", ""), r.get("ratio", "-")] for r in results]
     click.echo("\n".join(table(["model", "status", "detail", "params ratio"], rows, left=3)))

@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from onnxcompress.batch import core, driver
 from tests.conftest import FIXTURES
@@ -316,3 +318,35 @@ def test_a_ray_task_asks_for_memory_in_proportion_to_the_model(tmp_path):
     size = (models / "m0.onnx").stat().st_size
     assert ray_executor.task_memory(task) == (512 << 20) + 2 * size
     assert ray_executor.task_memory(task, largest_node=100 << 20) == 100 << 20
+
+
+def test_changed_external_data_converts_the_model_again(tmp_path):
+    """The input hash covers the external data file, not only the small .onnx beside it."""
+    models, out = tmp_path / "models", tmp_path / "out"
+    models.mkdir()
+
+    def save(seed):
+        model = matmul_model([3, 64], k=64, n=64)
+        weight = np.random.default_rng(seed).standard_normal((64, 64)).astype(np.float32)
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, "W"))
+        (models / "m.data").unlink(missing_ok=True)  # onnx.save appends to a data file
+        onnx.save(
+            model,
+            models / "m.onnx",
+            save_as_external_data=True,
+            location="m.data",
+            size_threshold=0,
+        )
+
+    save(0)
+    assert invoke("batch", models, "-o", out, *LOWRANK).exit_code == 0
+    hashes = json.loads((out / "m.report.json").read_text())["provenance"]["input_sha256"]
+    assert sorted(hashes) == ["m.data", "m.onnx"]
+    save(0)
+    assert invoke("batch", models, "-o", out, *LOWRANK).exit_code == 0
+    assert _statuses(out) == {"m.onnx": "skipped (done)"}
+    onnx_bytes = (models / "m.onnx").read_bytes()
+    save(1)  # the same .onnx file, other weights in m.data
+    assert (models / "m.onnx").read_bytes() == onnx_bytes
+    assert invoke("batch", models, "-o", out, *LOWRANK).exit_code == 0
+    assert _statuses(out) == {"m.onnx": "ok"}

@@ -49,6 +49,20 @@ def run(
     if executor == "ray":
         ray_executor.require_ray()  # before any work: one line, exit 2
     results: list[dict[str, Any] | None] = [None] * len(tasks)
+    try:
+        _convert(tasks, results, executor, jobs, address, force, progress)
+    except KeyboardInterrupt:
+        finished = _finish(tasks, results, output_dir)
+        done = sum(r["status"] != "interrupted" for r in finished)
+        raise Interrupted(
+            f"interrupted: {done} of {len(tasks)} models finished, nothing half-written left; "
+            "run the same command again to resume"
+        ) from None
+    return _finish(tasks, results, output_dir)
+
+
+def _convert(tasks, results, executor, jobs, address, force, progress) -> None:
+    """Fill ``results``: the models done before skipped, the others converted."""
     todo = []
     for index, task in enumerate(tasks):
         if not force and core.is_done(task):
@@ -62,21 +76,12 @@ def run(
         steps.done()
 
     chosen = [tasks[index] for index in todo]
-    try:
-        if not chosen:  # all done before: no worker, no Ray to start
-            pass
-        elif executor == "ray":
-            ray_executor.run(chosen, jobs, address, on_result)
-        else:
-            local.run(chosen, jobs, on_result)
-    except KeyboardInterrupt:
-        finished = _finish(tasks, results, output_dir)
-        done = sum(r["status"] != "interrupted" for r in finished)
-        raise Interrupted(
-            f"interrupted: {done} of {len(tasks)} models finished, nothing half-written left; "
-            "run the same command again to resume"
-        ) from None
-    return _finish(tasks, results, output_dir)
+    if not chosen:  # all done before: no worker, no Ray to start
+        return
+    if executor == "ray":
+        ray_executor.run(chosen, jobs, address, on_result)
+    else:
+        local.run(chosen, jobs, on_result)
 
 
 def _finish(

@@ -76,6 +76,7 @@ def _connect(ray: Any, address: str | None, jobs: int) -> bool:
                 ray.init(address=address, **quiet)
             else:
                 ray.init(
+                    address="local",  # our own, even where RAY_ADDRESS or `ray start` says else
                     num_cpus=jobs,
                     object_store_memory=_OBJECT_STORE_BYTES,
                     include_dashboard=False,
