@@ -15,8 +15,10 @@ from typing import Any
 
 import click
 
-from onnxcompress import batch as batch_run
 from onnxcompress import model_io
+from onnxcompress.batch import core as batch_core
+from onnxcompress.batch import driver
+from onnxcompress.batch import manifest as batch_manifest
 from onnxcompress.calibration import (
     load_feeds,
     parse_dims,
@@ -26,7 +28,7 @@ from onnxcompress.calibration import (
 from onnxcompress.errors import OnnxCompressError, ToleranceExceeded
 from onnxcompress.inspection import inspect_model
 from onnxcompress.passes import PASSES
-from onnxcompress.pipeline import Gates, Options, compress_file, write_json
+from onnxcompress.pipeline import Gates, Options, compress_file
 from onnxcompress.recipe import Recipe
 from onnxcompress.report import table, validation_dict, validation_table
 from onnxcompress.validate import gate_failures, validate
@@ -326,7 +328,7 @@ def passes() -> None:
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option(
     "-o",
     "--output-dir",
@@ -334,13 +336,33 @@ def passes() -> None:
     type=click.Path(path_type=Path),
     help="Folder for each model's output, its report and summary.json.",
 )
+@click.option(
+    "--manifest",
+    type=click.Path(path_type=Path),
+    help="A JSONL or CSV file: per model its path and, optionally, recipe, dims, data.",
+)
 @_recipe_options
 @click.option(
     "--calibration",
     type=click.Path(),
-    help="A .npz or a folder of .npy feeds, used for every model.",
+    help="A .npz or a folder of .npy feeds, for every model the manifest gives none.",
 )
-@_count_option("--jobs", 1, 1, "Models compressed in parallel.")
+@click.option(
+    "--data",
+    "validation_data",
+    type=click.Path(),
+    help="Validate on these feeds instead (default: the calibration data).",
+)
+@_count_option("--jobs", 1, 1, "Models compressed in parallel (CPUs of a Ray started here).")
+@click.option(
+    "--executor",
+    type=click.Choice(driver.EXECUTORS),
+    default="local",
+    show_default=True,
+    help="Worker processes on this machine, or Ray tasks.",
+)
+@click.option("--address", help="A Ray cluster to join (auto, ray://HOST:PORT); --executor ray.")
+@click.option("--force", is_flag=True, help="Convert again models an earlier run converted.")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime comparison.")
 @_handled
 @_gate_options
@@ -348,29 +370,45 @@ def passes() -> None:
 def batch(
     inputs,
     output_dir,
+    manifest,
     passes,
     recipe_file,
     calibration,
+    validation_data,
     jobs,
+    executor,
+    address,
+    force,
     no_validate,
     gates,
     feed_options,
 ) -> None:
-    """Compress many models (files, folders, globs) into OUTPUT_DIR; exit 1 if any failed."""
-    recipe = _recipe(passes, recipe_file)
+    """Compress many models (files, folders, globs, a manifest) into OUTPUT_DIR; a model an
+    earlier run converted with the same recipe and input is skipped. Exit 1 if any failed."""
+    if address and executor != "ray":
+        raise click.UsageError("--address needs --executor ray")
+    if not inputs and manifest is None:
+        raise click.UsageError("give models (files, folders, globs) or --manifest FILE")
+    has_recipe = bool(passes or recipe_file)
+    recipe = _recipe(passes, recipe_file) if has_recipe or inputs else Recipe()
     recipe.build()  # a recipe error stops the batch before any model
-    models = batch_run.collect_models(inputs)
-    if not models:
+    options = feed_options.pipeline_options(not no_validate, validation_data=validation_data)
+    job = batch_core.Job(recipe, calibration, gates, options)
+    members = [batch_manifest.Member(model, job) for model in batch_core.collect_models(inputs)]
+    if manifest is not None:
+        members += batch_manifest.read(manifest, job, default_recipe=has_recipe)
+    if not members:
         raise _Fail("no .onnx models found in the given inputs", EXIT_USAGE)
-    job = batch_run.Job(recipe, calibration, gates, feed_options.pipeline_options(not no_validate))
-    targets = batch_run.targets(models, output_dir)
-    batch_run.refuse_overwrites(models, targets, output_dir)
-    with click.progressbar(length=len(models), label="compressing", file=sys.stderr) as bar:
-        results = batch_run.run(models, targets, job, jobs, progress=bar.update)
-    rows = [[r["model"], r["status"], r.get("ratio", "-"), r.get("detail", "")] for r in results]
-    click.echo("\n".join(table(["model", "status", "params ratio", "detail"], rows, left=2)))
-    write_json(output_dir / "summary.json", {"models": results})
-    failed = [r for r in results if r["status"] != "ok"]
+    try:
+        tasks = driver.tasks(members, output_dir)  # hashes the calibration data: may take a while
+    except KeyboardInterrupt:
+        raise _Fail("interrupted before any model ran", driver.Interrupted.exit_code) from None
+    results = driver.run(tasks, output_dir, executor, jobs, address, force, _progress())
+    rows = [[r["model"], r["status"], r.get("detail", ""), r.get("ratio", "-")] for r in results]
+    click.echo("\n".join(table(["model", "status", "detail", "params ratio"], rows, left=3)))
+    counts = batch_core.summary(results)["counts"]
+    click.echo(", ".join(f"{count} {status}" for status, count in counts.items() if count))
+    failed = [r for r in results if r["status"] not in ("ok", "skipped (done)")]
     if failed:
         raise _Fail(f"{len(failed)} of {len(results)} models failed", EXIT_GATE)
 

@@ -295,11 +295,13 @@ def compress_file(
     keep_failed: bool = False,
     external_data: bool | None = None,
     report_path: str | Path | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> CompressionReport:
     """Compress a file into another (or the same, atomically); write the JSON report if asked.
 
     On a missed gate nothing is written unless ``keep_failed``; ToleranceExceeded is raised
-    either way, after the report file is written.
+    either way, after the report file is written. ``provenance`` goes into the report as it is
+    (batch stores the input's hashes and the recipe fingerprint there to resume).
     """
     loaded = model_io.load(source)
     if external_data is None:  # keep the input's form (or take the data file a large one needs)
@@ -308,11 +310,13 @@ def compress_file(
     try:
         model, report = run_recipe(loaded, recipe, calibration, tolerance, options or Options())
     except ToleranceExceeded as missed:
+        missed.report.provenance = dict(provenance or {})
         if keep_failed:
             _save_with_sizes(missed.model, output, missed.report, external_data)
         if report_path:
             write_json(report_path, missed.report.to_dict())
         raise
+    report.provenance = dict(provenance or {})
     _save_with_sizes(model, output, report, external_data)
     if report_path:
         write_json(report_path, report.to_dict())

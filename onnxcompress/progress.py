@@ -16,12 +16,16 @@ _WIDTH = 30
 
 
 class Steps:
-    """``total`` steps of one kind; ``done()`` after each reports the line."""
+    """``total`` steps of one kind; ``done()`` after each reports the line. ``already`` steps
+    were done before (a batch's models converted by an earlier run): they count as done at
+    once, shown on a first line, and do not enter the pace."""
 
-    def __init__(self, progress: Progress, label: str, total: int) -> None:
+    def __init__(self, progress: Progress, label: str, total: int, already: int = 0) -> None:
         self.progress, self.label, self.total = progress, label, total
-        self.count = 0
+        self.count = self.already = already
         self.start = time.perf_counter()
+        if already:
+            tick(self.progress, self.label, self.count, self.total)
 
     def done(self) -> None:
         self.count += 1
@@ -31,7 +35,7 @@ class Steps:
         """About how long the remaining steps take, at the pace so far."""
         if self.count >= self.total:
             return ""
-        pace = (time.perf_counter() - self.start) / self.count
+        pace = (time.perf_counter() - self.start) / (self.count - self.already)
         return f"~{pace * (self.total - self.count):.0f} s left"
 
 

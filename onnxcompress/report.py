@@ -34,6 +34,8 @@ class CompressionReport:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     source: str | None = None
     output: str | None = None
+    # what the run started from (batch: the input's SHA-256s and the recipe fingerprint)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -52,6 +54,7 @@ class CompressionReport:
             "passes": [_pass_dict(p) for p in self.passes],
             "validation": validation_dict(self.validation) if self.validation else None,
             "gates": {**self.gates, "passed": self.passed, "failures": self.gate_failures},
+            **({"provenance": self.provenance} if self.provenance else {}),
         }
 
     def to_text(self) -> str:
