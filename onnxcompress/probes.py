@@ -1,5 +1,5 @@
-"""Probes: the model's output error with a few initializers replaced, many replacements in
-one onnxruntime session.
+"""Probes: the model's output error with a few initializers replaced, many replacements to
+an onnxruntime session.
 
 Passes that weigh their choices by what reaches the model's outputs (codebook's per-weight
 gains, prune's per-group sensitivity) open sessions in which the initializers they may

@@ -4,7 +4,7 @@
 ``target_params`` (the share kept) set what must be saved. Each group is probed at a few
 shares: its channels go in reconstruction order (``reconstruction``), its sinks are refitted
 to the channels left, and the model's output error on calibration data is measured with
-that group alone pruned (one onnxruntime session for all probes, ``probes.ProbeSession``).
+that group alone pruned (a few probes to a session, ``probes.ProbeSession``).
 What a share saves comes from each layer's own cost: its onnxruntime kernel time from a
 profile of the whole model, its multiply-adds or its parameters, scaled by the share of its
 channels kept. The shares are then allocated where they cost least error per unit saved (a
