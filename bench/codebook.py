@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from fixtures.mnist import default_real_dir, mnist_split  # noqa: E402
 from onnxcompress import Options, compress, load, save, synthetic_feeds  # noqa: E402
 from onnxcompress.passes.codebook.fit import fit_scalar, kmeans_1d  # noqa: E402
+from onnxcompress.probes import unsquashed  # noqa: E402
 from onnxcompress.report import table  # noqa: E402
 from onnxcompress.validate import Runner, compare, measure_latency  # noqa: E402
 
@@ -187,7 +188,8 @@ def bench_model(case: dict, runs: int, folder: Path) -> list[list[str]]:
                 str(totals["layers_rewritten"]),
                 f"{totals['bytes_before'] / max(totals['bytes_after'], 1):.2f}x",
                 f"{source.stat().st_size / out.stat().st_size:.2f}x",
-                _fidelity(reference, candidate, feeds, labels, base, case),
+                _fidelity(reference, candidate, feeds, labels, base, case)
+                + _logits_error(source, model, feeds),
                 f"{ref_create:.0f} -> {cand_create:.0f}",
                 f"{cand_first / ref_first:.2f}",
                 f"{latency:.2f}",
@@ -208,6 +210,27 @@ def _fidelity(reference, candidate, feeds, labels, base, case) -> str:
     if case.get("agreement") and worst.top1_agreement is not None:
         text += f", top1 {min(m.top1_agreement or 1 for m in metrics):.3f}"
     return text + f" ({case['data']})"
+
+
+def _logits_error(source: Path, model, feeds: list[dict]) -> str:
+    """For a model whose outputs come out of a Softmax or Sigmoid: the relative L2 error of
+    what they squash (the logits). A confident classifier's probabilities barely move until
+    a sample nears the boundary, so their error is set by the one or two samples nearest it;
+    the logits' error is the steadier measure of how far the weights moved the model."""
+    original = load(str(source))
+    names = unsquashed(original)
+    if names == [value.name for value in original.graph.outputs]:
+        return ""
+    runners = [Runner(original, "original", names), Runner(model, "compressed", names)]
+    noise = signal = 0.0
+    for feed in feeds:
+        want, got = (runner.capture(feed) for runner in runners)
+        for name in names:
+            noise += float(np.square(got[name].astype(np.float64) - want[name]).sum())
+            signal += float(np.square(want[name].astype(np.float64)).sum())
+    for runner in runners:
+        runner.close()
+    return f"; logits relL2 {np.sqrt(noise / signal):.3f}"
 
 
 def clustering_speed() -> list[list[str]]:

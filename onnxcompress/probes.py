@@ -46,6 +46,7 @@ class ProbeSession:
         feeds: Sequence[Feed],
         samples: int,
         label: str,
+        before_squashing: bool = False,
     ) -> None:
         fixed = any(
             value.shape is None or not value.shape or isinstance(value.shape[0], int)
@@ -55,9 +56,12 @@ class ProbeSession:
         if not fixed:  # one sample a run: the session's arena stays that of batch 1
             self.feeds = [one for feed in self.feeds for one in _samples_of(feed)]
         self.chunks = _chunks(probes, PROBES_PER_SESSION)
+        outputs = [value.name for value in model.graph.outputs]
+        self.targets = unsquashed(model) if before_squashing else outputs
+        extra = [] if self.targets == outputs else self.targets
         # the model is written once; each chunk's session reads it with its inputs added
-        self.base = Runner(model, label)
-        self.references = [self.base.run(feed) for feed in self.feeds]
+        self.base = Runner(model, label, extra_outputs=extra)
+        self.references = [self._run(self.base, feed) for feed in self.feeds]
         self.base.release()
         self.runner: Runner | None = None
         self.names: set[str] = set()
@@ -69,12 +73,19 @@ class ProbeSession:
         noise = np.zeros(len(self.references[0]))
         signal = np.zeros(len(self.references[0]))
         for feed, reference in zip(self.feeds, self.references):
-            outputs = self.runner.run({**feed, **replaced})
+            outputs = self._run(self.runner, {**feed, **replaced})
             for i, (got, want) in enumerate(zip(outputs, reference)):
                 want = np.asarray(want, np.float64)
                 noise[i] += float(np.square(np.asarray(got, np.float64) - want).sum())
                 signal[i] += float(np.square(want).sum())
         return float(sum(n / s for n, s in zip(noise, signal) if s > 0))
+
+    def _run(self, runner: Runner, feed: Feed) -> list[np.ndarray]:
+        """The values the error is measured on: the outputs, or what they squash."""
+        if not runner.extra_outputs:
+            return runner.run(feed)
+        values = runner.capture(feed, self.targets)
+        return [values[name] for name in self.targets]
 
     def _covering(self, names: set[str]) -> None:
         """The session whose overridable values hold ``names`` (the current one, else the
@@ -134,6 +145,27 @@ def probe_feeds(feeds: Sequence[Feed], wanted: int, cut: bool) -> list[Feed]:
         if samples >= wanted:
             break
     return chosen
+
+
+#: Outputs that squash their input into (0, 1): where they saturate (a confident classifier's
+#: softmax), an error in the layers before barely moves them, and a probe measured there
+#: calls a layer harmless that is not (PP-OCR's orientation classifier: gains of 1e-6).
+SQUASHING = {"Softmax", "Sigmoid"}
+#: Ops that only rearrange values, looked through on the way back from an output.
+REARRANGING = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
+
+
+def unsquashed(model: ir.Model) -> list[str]:
+    """Per graph output, the input of the Softmax or Sigmoid that makes it (through ops that
+    only rearrange values), or the output itself."""
+    names = []
+    for output in model.graph.outputs:
+        value = output
+        while (node := value.producer()) is not None and node.op_type in REARRANGING:
+            value = node.inputs[0]
+        squashes = node is not None and node.op_type in SQUASHING and node.domain in ("", "ai.onnx")
+        names.append(node.inputs[0].name if squashes else output.name)
+    return names
 
 
 def _chunks(probes: Sequence[Sequence[ir.Value]], size: int) -> list[set[str]]:

@@ -151,10 +151,16 @@ class Runner:
         return Runner(self._origin, label or self.label, names, self._folder, self.threads)
 
     def with_overridable(self, names: Sequence[str], label: str | None = None) -> Runner:
-        """Another session on this runner's model in which the initializers ``names`` may be
-        fed; close it after use (before this one, which owns any temporary file)."""
+        """Another session on this runner's model, with its extra outputs, in which the
+        initializers ``names`` may be fed; close it after use (before this one, which owns
+        any temporary file)."""
         return Runner(
-            self._origin, label or self.label, (), self._folder, self.threads, overridable=names
+            self._origin,
+            label or self.label,
+            self._extra,
+            self._folder,
+            self.threads,
+            overridable=names,
         )
 
     def value_names(self) -> set[str]:

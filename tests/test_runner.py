@@ -13,7 +13,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress import probes
 from onnxcompress.errors import CannotRun
 from onnxcompress.passes.quant.ranges import collect
 from onnxcompress.runner import Runner, observe_shapes
@@ -167,42 +166,3 @@ def test_an_unclosed_runner_leaves_no_temporary_files():
     del runner
     gc.collect()
     assert not folder.exists()
-
-
-def _probe_errors(per_session: int, monkeypatch) -> list[float]:
-    """Each chain weight's probe (the weight halved), ``per_session`` probes a session."""
-    monkeypatch.setattr(probes, "PROBES_PER_SESSION", per_session)
-    model = ir.from_proto(chain_model())
-    weights = [model.graph.initializers[f"W{i}"] for i in range(LAYERS)]
-    opened = []
-    monkeypatch.setattr(Runner, "with_overridable", _counting(Runner.with_overridable, opened))
-    with probes.ProbeSession(model, [[w] for w in weights], feeds(2, 3), 4, "chain") as session:
-        errors = [session.output_error({w.name: w.const_value.numpy() / 2}) for w in weights]
-        with pytest.raises(RuntimeError, match="no probe declared"):
-            session.output_error({"W0": weights[0].const_value.numpy(), "R": np.eye(WIDTH)})
-    assert len(opened) == -(-LAYERS // per_session)  # one session per chunk of probes
-    return errors
-
-
-def _counting(method, calls: list):
-    def counted(self, *args, **kwargs):
-        calls.append(args)
-        return method(self, *args, **kwargs)
-
-    return counted
-
-
-def test_probes_in_sessions_of_a_few_measure_what_one_session_measures(monkeypatch):
-    one_session = _probe_errors(LAYERS, monkeypatch)
-    few_each = _probe_errors(5, monkeypatch)
-    assert all(error > 1e-3 for error in one_session)  # every probe moved the outputs
-    assert np.allclose(few_each, one_session, rtol=1e-5)
-
-
-def test_an_overridable_initializer_takes_a_fed_value_and_keeps_its_own_otherwise():
-    model, feed = ir.from_proto(chain_model()), feeds(1, batch=2)[0]
-    with Runner(model) as plain, plain.with_overridable(["W3"]) as probe:
-        assert np.array_equal(probe.run(feed)[0], plain.run(feed)[0])
-        zero = {**feed, "W3": np.zeros((WIDTH, WIDTH), np.float32)}
-        assert not np.any(probe.run(zero)[0])  # a zero weight before ReLUs zeroes the output
-        assert "W3" not in {i.name for i in plain.session.get_inputs()}

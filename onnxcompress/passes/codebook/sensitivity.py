@@ -42,7 +42,7 @@ def output_gains(
     also = also or {}
     label = "model for codebook sensitivity"
     probes = [[value, *also.get(value.name, ())] for value in weights]
-    with ProbeSession(model, probes, feeds, samples, label) as session:
+    with ProbeSession(model, probes, feeds, samples, label, before_squashing=True) as session:
         gains = {}
         steps = Steps(progress, "codebook: probing gains", len(weights))
         for value in weights:
