@@ -28,7 +28,7 @@ from onnxcompress.passes.lowrank.fold import fold_rewrites
 from onnxcompress.passes.lowrank.layer import Layer, view
 from onnxcompress.passes.lowrank.plan import Plan, rewrite
 from onnxcompress.passes.lowrank.targets import LayerTargets
-from onnxcompress.progress import Steps
+from onnxcompress.progress import Steps, tick
 from onnxcompress.stats import SecondMoments
 from onnxcompress.timing_cache import Timing, TimingCache
 
@@ -114,6 +114,8 @@ class LowRank(CompressionPass):
         # timings of layer shapes seen before (this run or an earlier one) are not repeated
         self._timings = TimingCache() if self.config.min_speedup is not None else None
         steps = Steps(ctx.progress, self._steps_label(targets), len(candidates))
+        if candidates:  # a first line at once: the estimate follows after the first layer
+            tick(ctx.progress, steps.label, 0, steps.total)
         try:
             for node in candidates:
                 try:

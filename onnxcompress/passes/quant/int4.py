@@ -40,6 +40,7 @@ from onnxcompress.passes.quant.int4_forms import (
     replace_node,
 )
 from onnxcompress.passes.quant.int4_pack import Int4Blocks, quantize_blocks
+from onnxcompress.progress import Steps
 from onnxcompress.timing_cache import TimingCache
 
 #: Blocked DequantizeLinear and int4 types exist from opset 21.
@@ -114,9 +115,12 @@ class Int4(CompressionPass):
         emitter = Emitter(model, self.name)
         # min_speedup: layer shapes timed before (this run or an earlier one) are not repeated
         self._timings = TimingCache() if self.config.min_speedup is not None else None
+        # timing each layer both ways takes about a second a layer: worth a progress line
+        total = sum(self._chosen(node) for node in model.graph)
+        steps = Steps(ctx.progress if self._timings else None, "int4: timing layers", total)
         try:
             for node in list(model.graph):
-                if not self.applies(node) or (node.op_type == "Gather" and not self.config.gather):
+                if not self._chosen(node):
                     continue
                 try:
                     if node.op_type == "Gather":
@@ -126,12 +130,16 @@ class Int4(CompressionPass):
                 except Skip as skip:
                     layer = LayerReport.skipped(node, str(skip))
                 report.layers.append(layer)
+                steps.done()
         finally:
             if self._timings is not None:
                 self._timings.save()
         if self._timings is not None and (note := self._timings.note()):
             report.notes.append(note)
         return report
+
+    def _chosen(self, node: ir.Node) -> bool:
+        return self.applies(node) and (node.op_type != "Gather" or self.config.gather)
 
     # -- MatMul / Gemm ---------------------------------------------------------------------
 
