@@ -134,7 +134,7 @@ class TimingCache:
                 newest = sorted(merged, key=lambda k: merged[k].get("used", 0))[-MAX_ENTRIES:]
                 merged = {k: merged[k] for k in newest}
             _write(self.path, {"format": FORMAT, "entries": merged})
-        except OSError as exc:
+        except Exception as exc:  # a cache must never fail a run: a full disk, odd entries
             logger.debug("timing cache not saved: %s", exc)
 
 
