@@ -55,3 +55,17 @@ def real() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _timing_cache_of_the_session(tmp_path_factory):
+    """min_speedup's timing cache (onnxcompress/timing_cache.py) in a folder of this test
+    session, never the user's: tests neither read timings nor leave them behind. Subprocesses
+    (the CLI tests) inherit it."""
+    previous = os.environ.get("ONNXCOMPRESS_CACHE_DIR")
+    os.environ["ONNXCOMPRESS_CACHE_DIR"] = str(tmp_path_factory.mktemp("timing-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ONNXCOMPRESS_CACHE_DIR", None)
+    else:
+        os.environ["ONNXCOMPRESS_CACHE_DIR"] = previous

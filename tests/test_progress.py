@@ -53,4 +53,16 @@ def test_passes_report_each_layer(setting, label):
     ours = [LINE.match(line) for line in lines if line.startswith(label)]
     assert ours, lines
     total = int(ours[0]["total"])
-    assert total >= 2 and [int(m["done"]) for m in ours] == list(range(1, total + 1))
+    done = [int(m["done"]) for m in ours]
+    assert total >= 2 and done[done[0] == 0 :] == list(range(1, total + 1))
+
+
+def test_lowrank_says_at_once_what_each_layer_does_and_then_how_long_is_left():
+    lines: list[str] = []
+    options = Options(validate=False, progress=lines.append)
+    setting = "lowrank:max_error=0.2,min_speedup=0.01"
+    compress(str(FIXTURES / "mnist_mlp.onnx"), [setting], _mlp_feeds(), options=options)
+    ours = [LINE.match(line) for line in lines if line.startswith("lowrank: layers")]
+    assert ours[0]["label"] == "lowrank: layers (capture, fit, timing)"
+    assert ours[0]["done"] == "0" and ours[0]["note"] is None  # before the first layer
+    assert ours[1]["note"].endswith("s left")

@@ -28,8 +28,9 @@ from onnxcompress.passes.lowrank.fold import fold_rewrites
 from onnxcompress.passes.lowrank.layer import Layer, view
 from onnxcompress.passes.lowrank.plan import Plan, rewrite
 from onnxcompress.passes.lowrank.targets import LayerTargets
-from onnxcompress.progress import Steps
+from onnxcompress.progress import Steps, tick
 from onnxcompress.stats import SecondMoments
+from onnxcompress.timing_cache import Timing, TimingCache
 
 #: Gemm without its C input (needed for the first, bias-free factor) exists from opset 11.
 GEMM_OPTIONAL_C_OPSET = 11
@@ -41,6 +42,7 @@ class LowRank(CompressionPass):
     """Gemm/MatMul/Conv -> two thin factors A·F ≈ W by SVD; convs also by Tucker-2 or separable."""
 
     name = "lowrank"
+    _timings: TimingCache | None = None  # min_speedup's timings, one table a run
 
     @dataclass(frozen=True)
     class Config:
@@ -109,7 +111,11 @@ class LowRank(CompressionPass):
         candidates = [n for n in model.graph if n.op_type in ops and _standard(n)]
         targets = self._layer_targets(model, candidates, ctx, report)
         emitter = Emitter(model, self.name)
-        steps = Steps(ctx.progress, "lowrank: layers", len(candidates))
+        # timings of layer shapes seen before (this run or an earlier one) are not repeated
+        self._timings = TimingCache() if self.config.min_speedup is not None else None
+        steps = Steps(ctx.progress, self._steps_label(targets), len(candidates))
+        if candidates:  # a first line at once: the estimate follows after the first layer
+            tick(ctx.progress, steps.label, 0, steps.total)
         try:
             for node in candidates:
                 try:
@@ -122,9 +128,18 @@ class LowRank(CompressionPass):
         finally:
             if targets:
                 targets.close()
+            if self._timings is not None:
+                self._timings.save()
+        if self._timings is not None and (note := self._timings.note()):
+            report.notes.append(note)
         if self.config.fold:
             fold_rewrites(emitter, report, ctx.shapes, self._protected)
         return report
+
+    def _steps_label(self, targets: LayerTargets | None) -> str:
+        """What each layer's step does, so the progress line says where the time goes."""
+        work = ["capture" if targets else None, "fit", "timing" if self._timings else None]
+        return f"lowrank: layers ({', '.join(w for w in work if w)})"
 
     def _protected(self, node: ir.Node) -> bool:
         return name_matches(node, self.config.exclude)
@@ -184,7 +199,8 @@ class LowRank(CompressionPass):
         if fit.note:
             report.detail["data_fit"] = fit.note
         if measured is not None:
-            report.detail["speedup"] = round(measured, 3)
+            report.detail["speedup"] = round(measured.speedup, 3)
+            report.detail["speedup_source"] = measured.source
         return report
 
     def _fit(self, layer: Layer, targets: LayerTargets | None) -> CalibrationFit:
@@ -327,7 +343,7 @@ class LowRank(CompressionPass):
             what = "params" if saving <= macs_saving else "MACs"
             raise Skip(f"{plan.describe()} saves {worst:.0%} of {what} (min_saving {floor:.0%})")
 
-    def _latency_guard(self, model: ir.Model, layer: Layer, plan: Plan, ctx) -> float | None:
+    def _latency_guard(self, model: ir.Model, layer: Layer, plan: Plan, ctx) -> Timing | None:
         """With ``min_speedup``: time the layer and its rewrite alone in onnxruntime on this
         machine (one thread, kernels only) and skip a rewrite that is not that much faster."""
         floor = self.config.min_speedup
@@ -342,13 +358,14 @@ class LowRank(CompressionPass):
         (alone,) = after.graph
         rewrite(Emitter(after, self.name), view(alone), plan)
         try:
-            measured = latency.speedup(before, after)
+            measured = self._timings.speedup(before, after)
         except CannotRun as exc:  # e.g. no CPU kernel for this dtype: nothing to compare
             raise Skip(f"min_speedup: {exc}") from None
-        if measured < floor:
+        if measured.speedup < floor:
+            cached = "; timing read from the cache" if measured.source == "cache" else ""
             raise Skip(
-                f"{plan.describe()} runs {measured:.2f}x as fast alone in onnxruntime "
-                f"(min_speedup {floor:g})"
+                f"{plan.describe()} runs {measured.speedup:.2f}x as fast alone in onnxruntime "
+                f"(min_speedup {floor:g}){cached}"
             )
         return measured
 

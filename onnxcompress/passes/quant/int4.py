@@ -40,6 +40,8 @@ from onnxcompress.passes.quant.int4_forms import (
     replace_node,
 )
 from onnxcompress.passes.quant.int4_pack import Int4Blocks, quantize_blocks
+from onnxcompress.progress import Steps
+from onnxcompress.timing_cache import TimingCache
 
 #: Blocked DequantizeLinear and int4 types exist from opset 21.
 BLOCKED_OPSET = 21
@@ -57,6 +59,7 @@ class Int4(CompressionPass):
     """MatMul/Gemm weights, embedding tables -> int4 blocks (MatMulNBits where it pays)."""
 
     name = "int4"
+    _timings: TimingCache | None = None  # min_speedup's timings, one table a run
 
     @dataclass(frozen=True)
     class Config:
@@ -110,18 +113,33 @@ class Int4(CompressionPass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassReport:
         report = PassReport(self.name, self.config_dict())
         emitter = Emitter(model, self.name)
-        for node in list(model.graph):
-            if not self.applies(node) or (node.op_type == "Gather" and not self.config.gather):
-                continue
-            try:
-                if node.op_type == "Gather":
-                    layer = self._table(emitter, node)
-                else:
-                    layer = self._weight(emitter, node, ctx)
-            except Skip as skip:
-                layer = LayerReport.skipped(node, str(skip))
-            report.layers.append(layer)
+        # min_speedup: layer shapes timed before (this run or an earlier one) are not repeated
+        self._timings = TimingCache() if self.config.min_speedup is not None else None
+        # timing each layer both ways takes about a second a layer: worth a progress line
+        total = sum(self._chosen(node) for node in model.graph)
+        steps = Steps(ctx.progress if self._timings else None, "int4: timing layers", total)
+        try:
+            for node in list(model.graph):
+                if not self._chosen(node):
+                    continue
+                try:
+                    if node.op_type == "Gather":
+                        layer = self._table(emitter, node)
+                    else:
+                        layer = self._weight(emitter, node, ctx)
+                except Skip as skip:
+                    layer = LayerReport.skipped(node, str(skip))
+                report.layers.append(layer)
+                steps.done()
+        finally:
+            if self._timings is not None:
+                self._timings.save()
+        if self._timings is not None and (note := self._timings.note()):
+            report.notes.append(note)
         return report
+
+    def _chosen(self, node: ir.Node) -> bool:
+        return self.applies(node) and (node.op_type != "Gather" or self.config.gather)
 
     # -- MatMul / Gemm ---------------------------------------------------------------------
 
@@ -178,7 +196,7 @@ class Int4(CompressionPass):
         try:
             before = latency.isolate(node, shape, opsets)
             after = nbits_model(shape, blocks, _nbits_bias(node), cfg.accuracy_level, opsets)
-            measured = latency.speedup(before, after)
+            measured = self._timings.speedup(before, after).speedup
         except CannotRun as exc:
             return f"min_speedup: {exc}"
         if measured < cfg.min_speedup:

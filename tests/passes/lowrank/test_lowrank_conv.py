@@ -287,6 +287,38 @@ def test_min_speedup_keeps_only_rewrites_measured_faster():
     assert [n.op_type for n in ir.from_proto(result).graph] == ["Conv", "Conv"]
 
 
+def test_min_speedup_times_a_repeated_shape_once_and_remembers_it(tmp_path, monkeypatch):
+    from onnxcompress import latency
+
+    monkeypatch.setenv("ONNXCOMPRESS_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(latency, "speedup_times", lambda *models: calls.append(1) or (3.0, 1.0))
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((16, 16, 3, 3)).astype(np.float32) for _ in range(2)]
+    nodes = [
+        helper.make_node("Conv", ["X", "W0"], ["H"], name="/a/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["H", "W1"], ["Y"], name="/b/Conv", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 16, 12, 12])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(weights)],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    recipe = ["lowrank:rank=4,min_speedup=1.5,fold=false"]
+    _, report = compress(proto, recipe, options=NO_VALIDATE)
+    stage = report.passes[0]
+    assert [layer.detail["speedup_source"] for layer in stage.layers] == ["measured", "cache"]
+    assert [layer.detail["speedup"] for layer in stage.layers] == [3.0, 3.0]
+    assert any("1 measured, 1 read from the timing cache" in note for note in stage.notes)
+    assert len(calls) == 1
+    _, report = compress(proto, recipe, options=NO_VALIDATE)  # a later run: from the file
+    assert {layer.detail["speedup_source"] for layer in report.passes[0].layers} == {"cache"}
+    assert len(calls) == 1
+
+
 def test_min_speedup_without_the_input_shape_is_skipped_with_reason():
     from onnxcompress.passes.base import PassContext
     from onnxcompress.passes.lowrank import LowRank
