@@ -57,7 +57,7 @@ class Recipe:
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
         path = Path(path)
-        text = _read_recipe_text(path)
+        text = read_small_text(path, "recipe", MAX_RECIPE_BYTES, RecipeError)
         kind = "JSON" if path.suffix == ".json" else "TOML"
         try:
             data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
@@ -86,20 +86,20 @@ class Recipe:
         return [step.build() for step in self.steps]
 
 
-def _read_recipe_text(path: Path) -> str:
-    """The recipe's text: a regular UTF-8 file of at most MAX_RECIPE_BYTES (a FIFO would block,
-    /dev/zero never ends)."""
+def read_small_text(path: Path, kind: str, limit: int, error: type[Exception]) -> str:
+    """A regular UTF-8 file of at most ``limit`` bytes (a FIFO would block, /dev/zero never
+    ends); each problem is one ``error`` naming the file and the ``kind`` of file."""
     try:
         if not path.is_file():
             what = "no such file" if not path.exists() else "not a regular file"
-            raise RecipeError(f"{path}: cannot read recipe ({what})")
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{path}: a recipe of over {MAX_RECIPE_BYTES >> 20} MiB is not one")
-        return path.read_bytes().decode("utf-8")
+            raise error(f"{path}: cannot read {kind} ({what})")
+        if path.stat().st_size > limit:
+            raise error(f"{path}: a {kind} of over {limit >> 20} MiB is not one")
+        return path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        raise error(f"{path}: cannot read {kind} ({exc.strerror})") from None
     except UnicodeDecodeError:
-        raise RecipeError(f"{path}: the recipe is not UTF-8 text") from None
+        raise error(f"{path}: the {kind} is not UTF-8 text") from None
 
 
 def _first_line(exc: Exception) -> str:

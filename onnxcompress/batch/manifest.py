@@ -23,7 +23,7 @@ from typing import Any
 from onnxcompress.batch.core import Job
 from onnxcompress.calibration import parse_dims
 from onnxcompress.errors import OnnxCompressError
-from onnxcompress.recipe import Recipe
+from onnxcompress.recipe import Recipe, read_small_text
 
 FIELDS = ("path", "recipe", "dims", "calibration", "data", "output")
 MAX_MANIFEST_BYTES = 64 << 20
@@ -45,7 +45,7 @@ class Member:
 def read(path: Path, defaults: Job, default_recipe: bool) -> list[Member]:
     """Every model the manifest lists. ``defaults`` is the command line's job; its recipe
     counts only when ``default_recipe`` (else a line without one is an error)."""
-    text = _text(path)
+    text = read_small_text(path, "manifest", MAX_MANIFEST_BYTES, ManifestError)
     rows = _csv_rows(text, path) if path.suffix.lower() == ".csv" else _jsonl_rows(text, path)
     recipes: dict[str, Recipe] = {}
     members = []
@@ -58,19 +58,6 @@ def read(path: Path, defaults: Job, default_recipe: bool) -> list[Member]:
         raise ManifestError(f"{path}: lists no models")
     _refuse_repeated_outputs(members, path, [line for line, _ in rows])
     return members
-
-
-def _text(path: Path) -> str:
-    try:
-        if not path.is_file():
-            raise ManifestError(f"{path}: cannot read the manifest (no such file)")
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{path}: a manifest of over 64 MiB is not one")
-        return path.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read the manifest ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise ManifestError(f"{path}: the manifest is not UTF-8 text") from None
 
 
 def _jsonl_rows(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
