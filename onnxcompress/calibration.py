@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.errors import BadData
+from onnxcompress.errors import BadData, first_line
 
 Feed = dict[str, np.ndarray]
 Dims = dict[str, int]  # symbolic dim name -> size, or "input:axis" -> size
@@ -240,11 +240,7 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False, mmap_mode=mmap)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
-        raise BadData(f"{path}: not a readable .npy/.npz file ({_reason(exc)})") from None
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadData(f"{path}: not a readable .npy/.npz file ({first_line(exc)})") from None
 
 
 def _read_npz(path: Path) -> dict[str, Source]:
@@ -259,7 +255,7 @@ def _read_npz(path: Path) -> dict[str, Source]:
         try:
             return {key: _npz_source(path, data, key) for key in data.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
-            raise BadData(f"{path}: an array cannot be read ({_reason(exc)})") from None
+            raise BadData(f"{path}: an array cannot be read ({first_line(exc)})") from None
 
 
 def _npz_source(path: Path, data: np.lib.npyio.NpzFile, key: str) -> Source:

@@ -48,3 +48,10 @@ class PassBrokeGraph(OnnxCompressError):
     """A pass left a graph that fails a check it passed before: a bug in onnxcompress."""
 
     exit_code = 3
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error quotes of a library's multi-line report."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxcompress.errors import RecipeError
+from onnxcompress.errors import RecipeError, first_line
 from onnxcompress.passes import CompressionPass, pass_for
 
 if sys.version_info >= (3, 11):
@@ -62,7 +62,7 @@ class Recipe:
         try:
             data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
         except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
-            raise RecipeError(f"{path}: not valid {kind}: {_first_line(exc)}") from None
+            raise RecipeError(f"{path}: not valid {kind}: {first_line(exc)}") from None
         return cls.from_dict(data, str(path))
 
     @classmethod
@@ -100,11 +100,6 @@ def read_small_text(path: Path, kind: str, limit: int, error: type[Exception]) -
         raise error(f"{path}: cannot read {kind} ({exc.strerror})") from None
     except UnicodeDecodeError:
         raise error(f"{path}: the {kind} is not UTF-8 text") from None
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def parse_option(text: str) -> Step:

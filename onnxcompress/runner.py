@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxcompress.calibration import Feed
-from onnxcompress.errors import CannotRun
+from onnxcompress.errors import CannotRun, first_line
 from onnxcompress.model_io import save
 
 logger = logging.getLogger(__name__)
@@ -405,6 +405,4 @@ def observe_shapes(model: ir.Model, feed: Feed, names: Iterable[str]) -> dict[st
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line.replace("[ONNXRuntimeError] : ", "")[:300]
+    return first_line(exc).replace("[ONNXRuntimeError] : ", "")[:300]

@@ -15,7 +15,7 @@ from typing import Any
 
 from onnxcompress.batch.core import Task, convert, failed, input_bytes
 from onnxcompress.batch.local import OnResult
-from onnxcompress.errors import OnnxCompressError
+from onnxcompress.errors import OnnxCompressError, first_line
 
 #: Memory a task asks Ray for: a fixed base plus k times the model's bytes on disk (external
 #: data included). A run fits in a few hundred MB plus about the model's size (the memory rule
@@ -84,8 +84,7 @@ def _connect(ray: Any, address: str | None, jobs: int) -> bool:
                 )
     except Exception as exc:  # ConnectionError, a bad address, a version mismatch
         where = f"Ray at {address}" if address else "a local Ray"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RayUnavailable(f"cannot start or reach {where}: {first}") from None
+        raise RayUnavailable(f"cannot start or reach {where}: {first_line(exc)}") from None
     return True
 
 
