@@ -123,6 +123,12 @@ class TimingCache:
             f"timing cache ({where})"
         )
 
+    def finish(self, notes: list[str]) -> None:
+        """At the end of a pass: save the timings, and add the pass's note to ``notes``."""
+        self.save()
+        if note := self.note():
+            notes.append(note)
+
     def save(self) -> None:
         """Merge this run's entries into the file (another process may have written it since)
         and write it atomically; any failure only costs persistence."""

@@ -129,9 +129,7 @@ class LowRank(CompressionPass):
             if targets:
                 targets.close()
             if self._timings is not None:
-                self._timings.save()
-        if self._timings is not None and (note := self._timings.note()):
-            report.notes.append(note)
+                self._timings.finish(report.notes)
         if self.config.fold:
             fold_rewrites(emitter, report, ctx.shapes, self._protected)
         return report

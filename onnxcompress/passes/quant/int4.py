@@ -133,9 +133,7 @@ class Int4(CompressionPass):
                 steps.done()
         finally:
             if self._timings is not None:
-                self._timings.save()
-        if self._timings is not None and (note := self._timings.note()):
-            report.notes.append(note)
+                self._timings.finish(report.notes)
         return report
 
     def _chosen(self, node: ir.Node) -> bool:
