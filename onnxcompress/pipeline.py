@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxcompress import guards, model_io
+from onnxcompress.blas import limited_blas
 from onnxcompress.calibration import (
     Feed,
     check_finite,
@@ -110,6 +111,11 @@ def run_recipe(
     tolerance: Gates | None,
     options: Options,
 ) -> tuple[ir.Model, CompressionReport]:
+    with limited_blas():  # small matrices between onnxruntime runs: see blas.py
+        return _run_recipe(loaded, recipe, calibration, tolerance, options)
+
+
+def _run_recipe(loaded, recipe, calibration, tolerance, options):
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_options(list(recipe))
     passes = recipe.build()  # every recipe error surfaces before any work
     model = loaded.model

@@ -110,7 +110,7 @@ class SecondMoments:
     def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
         """Add matching rows of x and y; without ``y`` only Σ x̃x̃ᵀ grows (a Gram matrix of
         the inputs: ``xy``, ``yy`` and ``error`` are then left unset)."""
-        x = x.astype(self.product_dtype)
+        x = x.astype(self.product_dtype, copy=False)
         if self.intercept:
             x = np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1)
         xx = (x.T @ x).astype(np.float64)
@@ -118,7 +118,7 @@ class SecondMoments:
         self.count += len(x)
         if y is None:
             return
-        y = y.astype(self.product_dtype)
+        y = y.astype(self.product_dtype, copy=False)
         xy = (x.T @ y).astype(np.float64)
         self.xy = xy if self.xy is None else self.xy + xy
         self.yy += float(np.square(y, dtype=np.float64).sum())
@@ -140,20 +140,39 @@ class SecondMoments:
 
 
 class ChannelMean:
-    """Running per-channel mean of an activation whose channels lie on ``axis``."""
+    """Running per-channel mean of an activation whose channels lie on ``axis`` (of its
+    squares, with ``squares``)."""
 
-    def __init__(self, axis: int) -> None:
-        self.axis = axis
+    def __init__(self, axis: int, squares: bool = False) -> None:
+        self.axis, self.squares = axis, squares
         self.total: np.ndarray | None = None
         self.count = 0
 
     def add(self, array: np.ndarray) -> None:
         axis = self.axis % array.ndim
-        others = tuple(i for i in range(array.ndim) if i != axis)
-        # summed in place, in float64: no channel-last copy of the activation
-        total = array.sum(axis=others, dtype=np.float64)
+        channels = array.shape[axis]
+        outer = int(np.prod(array.shape[:axis], dtype=np.int64))
+        # [outer, C, inner] is a view of a contiguous activation: each sample's channels are
+        # summed along contiguous memory, with no channel-last copy and no squared copy
+        blocks = array.reshape(outer, channels, -1)
+        if blocks.shape[2] == 1:  # channels last (rows of a Gemm): sum over the rows
+            flat = blocks[:, :, 0]
+            total = (
+                np.einsum("nc,nc->c", flat, flat, dtype=np.float64)
+                if self.squares
+                else flat.sum(axis=0, dtype=np.float64)
+            )
+        else:
+            total = sum(self._per_channel(block) for block in blocks)
         self.total = total if self.total is None else self.total + total
-        self.count += array.size // max(array.shape[axis], 1)
+        self.count += array.size // max(channels, 1)
+
+    def _per_channel(self, block: np.ndarray) -> np.ndarray:
+        """Σ x (or Σ x²) of each channel's row of one sample ``[C, inner]``; squares in the
+        activation's precision, summed in float64 across samples."""
+        if self.squares:
+            return np.einsum("ci,ci->c", block, block).astype(np.float64)
+        return block.sum(axis=1, dtype=np.float64)
 
     @property
     def mean(self) -> np.ndarray | None:

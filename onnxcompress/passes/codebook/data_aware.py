@@ -47,7 +47,7 @@ class _Accumulator:
         self.node, self.input, self.conv = node, node.inputs[0].name, conv
         self.rng = np.random.default_rng(0)
         self.channels = ChannelMean(axis=1 if conv else -1)
-        self.squares = ChannelMean(axis=1 if conv else -1)
+        self.squares = ChannelMean(axis=1 if conv else -1, squares=True)
         self.halves = None  # Σ x xᵀ of alternate samples (or rows), kept apart
         if want_gram:
             self.halves = (_BufferedGram(), _BufferedGram())
@@ -55,7 +55,7 @@ class _Accumulator:
 
     def add(self, activation: np.ndarray) -> None:
         self.channels.add(activation)
-        self.squares.add(np.square(activation))  # summed in float64
+        self.squares.add(activation)
         if self.halves is not None:
             if self.conv:  # a sample at a time: the halves alternate by sample
                 self.halves[self.turn].add(self._pixels(activation))
