@@ -5,6 +5,7 @@ timed, an estimate of the time left."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -22,14 +23,16 @@ class Steps:
 
     def __init__(self, progress: Progress, label: str, total: int, already: int = 0) -> None:
         self.progress, self.label, self.total = progress, label, total
+        self._lock = threading.Lock()  # steps may be done from two threads (codebook's plan)
         self.count = self.already = already
         self.start = time.perf_counter()
         if already:
             tick(self.progress, self.label, self.count, self.total)
 
     def done(self) -> None:
-        self.count += 1
-        tick(self.progress, self.label, self.count, self.total, self._left())
+        with self._lock:
+            self.count += 1
+            tick(self.progress, self.label, self.count, self.total, self._left())
 
     def _left(self) -> str:
         """About how long the remaining steps take, at the pace so far."""

@@ -42,7 +42,7 @@ def _mlp_feeds(count: int = 4) -> list[dict[str, np.ndarray]]:
     ("setting", "label"),
     [
         ("lowrank:max_error=0.2", "lowrank: layers"),
-        ("codebook:bits=4", "codebook: probing gains"),
+        ("codebook:bits=4", "codebook: weighing choices, probing gains"),
         ("codebook:bits=4", "codebook: fitting"),
     ],
 )

@@ -18,7 +18,6 @@ import onnx_ir as ir
 
 from onnxcompress.calibration import Feed
 from onnxcompress.probes import PROBE_SAMPLES, ProbeSession
-from onnxcompress.progress import Progress, Steps
 
 PROBE_BITS = 3
 
@@ -34,21 +33,29 @@ def output_gains(
     feeds: Sequence[Feed],
     also: Mapping[str, Sequence[ir.Value]] | None = None,
     samples: int = PROBE_SAMPLES[0],
-    progress: Progress = None,
+    done: Callable[[], None] = lambda: None,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> dict[str, float]:
     """Per weight name: the model's output error (relative squared L2, summed over the
     outputs) with that weight alone replaced by its probe, over the probe's layer error.
-    ``also``: per weight name, other initializers its probe may replace (its bias)."""
+    ``also``: per weight name, other initializers its probe may replace (its bias).
+    ``done`` is called after each weight; ``cancelled`` is asked before each (true: stop,
+    the gains left unmeasured)."""
     also = also or {}
     label = "model for codebook sensitivity"
     probes = [[value, *also.get(value.name, ())] for value in weights]
     with ProbeSession(model, probes, feeds, samples, label, before_squashing=True) as session:
         gains = {}
-        steps = Steps(progress, "codebook: probing gains", len(weights))
         for value in weights:
+            if cancelled():
+                raise ProbesCancelled("codebook gains: cancelled")
             replaced, layer_error = probe(value)
             gains[value.name] = 0.0
             if layer_error > 0:
                 gains[value.name] = session.output_error(replaced) / layer_error
-            steps.done()
+            done()
     return gains
+
+
+class ProbesCancelled(Exception):
+    """The caller stopped the probes (it failed or was interrupted meanwhile)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import time
 
 import numpy as np
 import onnx
@@ -258,3 +259,62 @@ def test_large_weights_are_weighed_on_a_sample_of_columns(monkeypatch):
     for a, b in zip(full.choices, sampled.choices):
         if a.bits is not None and a.bits <= 4:  # wider codebooks fit a sample's tails closer
             assert b.error == pytest.approx(a.error, rel=0.25)
+
+
+def test_a_failure_while_weighing_stops_the_probes_running_beside_it(monkeypatch):
+    """The gains are probed in a thread while the choices are weighed: when weighing fails
+    (or Ctrl-C), the probes stop at the next weight and the failure reaches the caller."""
+    from onnxcompress.passes.codebook import plan, sensitivity
+
+    probed, weighed = [], []
+    original_probe, original_weigh = plan._probe, plan._weigh
+
+    def slow_probe(value, **kwargs):
+        probed.append(value.name)
+        time.sleep(0.2)  # time for the weighing to fail while probes remain
+        return original_probe(value, **kwargs)
+
+    def failing_weigh(value, *args):
+        weighed.append(value.name)
+        if len(weighed) == 2:
+            raise KeyboardInterrupt
+        return original_weigh(value, *args)
+
+    monkeypatch.setattr(plan, "_probe", slow_probe)
+    monkeypatch.setattr(plan, "_weigh", failing_weigh)
+    stopped = []
+
+    def recorded_gains(*args):
+        try:
+            return sensitivity.output_gains(*args)
+        except sensitivity.ProbesCancelled as exc:
+            stopped.append(exc)
+            raise
+
+    monkeypatch.setattr(plan, "output_gains", recorded_gains)
+    rng = np.random.default_rng(10)
+    proto = _chain_of_matmuls(rng, layers=6)
+    feeds = [{"X": rng.standard_normal((16, 32)).astype(np.float32)} for _ in range(2)]
+    with pytest.raises(KeyboardInterrupt):
+        compress(proto, ["codebook:bits=3"], feeds, options=NO_VALIDATE)
+    assert len(probed) < 6 and stopped
+
+
+def _chain_of_matmuls(rng: np.random.Generator, layers: int) -> onnx.ModelProto:
+    """X [N, 32] through ``layers`` 32×32 MatMuls with ReLUs between."""
+    nodes, inits, current = [], [], "X"
+    for i in range(layers):
+        inits.append(
+            onnx.numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), f"W{i}")
+        )
+        nodes.append(onnx.helper.make_node("MatMul", [current, f"W{i}"], [f"m{i}"]))
+        nodes.append(onnx.helper.make_node("Relu", [f"m{i}"], [f"r{i}"]))
+        current = f"r{i}"
+    graph = onnx.helper.make_graph(
+        nodes,
+        "chain",
+        [onnx.helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, ["N", 32])],
+        [onnx.helper.make_tensor_value_info(current, onnx.TensorProto.FLOAT, ["N", 32])],
+        inits,
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
