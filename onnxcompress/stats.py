@@ -18,6 +18,8 @@ of samples:
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -49,10 +51,58 @@ def captured_parts(
     it comes: a part's dict is emptied when the next is asked for, so that its arrays (the
     memory the next run needs) go unless kept."""
     with _capture_runner(model, names, label) as runner:
-        for index, feed in enumerate(feeds):
-            for values in runner.capture_parts(feed, names):
-                yield index, values
-                values.clear()
+        parts = (
+            (index, values)
+            for index, feed in enumerate(feeds)
+            for values in runner.capture_parts(feed, names)
+        )
+        for index, values in _one_ahead(parts):
+            yield index, values
+            values.clear()
+
+
+_END = object()
+
+
+def _one_ahead(items: Iterator) -> Iterator:
+    """``items``, the next one made in a thread while the caller works on the current one:
+    onnxruntime runs release the GIL, so a sweep's runs and the statistics folded from them
+    overlap (one item more is held). A failure in the thread is raised here; when the caller
+    stops early, the thread stops after the item it is making."""
+    slot: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                slot.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def make() -> None:
+        try:
+            for item in items:
+                if not hand_over((item, None)):
+                    return
+            hand_over((_END, None))
+        except BaseException as exc:  # raised again in the caller's thread
+            hand_over((None, exc))
+
+    thread = threading.Thread(target=make, name="onnxcompress-capture", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, failure = slot.get()
+            if failure is not None:
+                raise failure
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _capture_runner(model: ir.Model, names: Sequence[str], label: str) -> Runner:

@@ -166,3 +166,29 @@ def test_an_unclosed_runner_leaves_no_temporary_files():
     del runner
     gc.collect()
     assert not folder.exists()
+
+
+def test_the_sweep_makes_the_next_part_ahead_in_order_and_raises_its_failures_here():
+    from onnxcompress.stats import _one_ahead
+
+    assert list(_one_ahead(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise CannotRun("onnxruntime failed to run: boom")
+
+    with pytest.raises(CannotRun, match="boom"):
+        list(_one_ahead(failing()))
+
+    made = []
+
+    def endless():
+        while True:
+            made.append(len(made))
+            yield made[-1]
+
+    ahead = _one_ahead(endless())
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    ahead.close()  # the caller stops early: the thread stops too
+    count = len(made)
+    assert count <= 6 and len(made) == count
