@@ -13,6 +13,7 @@ from onnxcompress.errors import (
 )
 from onnxcompress.inspection import inspect_model
 from onnxcompress.model_io import save
+from onnxcompress.optimize import OptimizeResult, Target, optimize, optimize_file
 from onnxcompress.passes import PASSES, CompressionPass, PassContext, PassReport
 from onnxcompress.pipeline import Gates, Options, compress
 from onnxcompress.recipe import Recipe
@@ -37,12 +38,14 @@ __all__ = [
     "CompressionReport",
     "Gates",
     "OnnxCompressError",
+    "OptimizeResult",
     "Options",
     "PassBrokeGraph",
     "PassContext",
     "PassReport",
     "Recipe",
     "RecipeError",
+    "Target",
     "ToleranceExceeded",
     "Validation",
     "__version__",
@@ -50,6 +53,8 @@ __all__ = [
     "inspect_model",
     "load",
     "load_feeds",
+    "optimize",
+    "optimize_file",
     "parse_dims",
     "save",
     "synthetic_feeds",

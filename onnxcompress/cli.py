@@ -27,6 +27,7 @@ from onnxcompress.calibration import (
 )
 from onnxcompress.errors import OnnxCompressError, ToleranceExceeded
 from onnxcompress.inspection import inspect_model
+from onnxcompress.optimize import Target, optimize_file, parse_tolerance
 from onnxcompress.passes import PASSES
 from onnxcompress.pipeline import Gates, Options, compress_file
 from onnxcompress.recipe import Recipe
@@ -246,6 +247,72 @@ def compress(
         raise _Fail(f"gate missed: {missed}{kept}", EXIT_GATE) from None
     _echo_report(report, as_json)
     click.echo(f"wrote {target}", err=as_json)
+
+
+@main.command("optimize")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Where to write the result (its recipe and plot go beside it).",
+)
+@click.option("--target", required=True, help="size=RATIOx (size=8x) or bytes=N.")
+@click.option(
+    "--tolerance",
+    multiple=True,
+    help="agreement=A (top-1 agreement) or rel=R (relative L2), repeatable.",
+)
+@click.option("--calibration", type=click.Path(), help="A .npz or a folder of .npy feeds.")
+@click.option(
+    "--data",
+    "validation_data",
+    type=click.Path(),
+    help="Held-out feeds to judge the candidates on (default: the calibration).",
+)
+@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--no-explore", is_flag=True, help="Skip the sizes around the target.")
+@_handled
+@_data_options
+def optimize_command(
+    model,
+    output,
+    target,
+    tolerance,
+    calibration,
+    validation_data,
+    report_path,
+    as_json,
+    no_explore,
+    feed_options,
+) -> None:
+    """Reach a size target under a tolerance: the best recipe found, and the trade-off."""
+    if output.exists() and model.exists() and output.resolve() == model.resolve():
+        raise click.UsageError("the output is the input file; give another -o")
+    options = feed_options.pipeline_options(
+        True, validation_data=validation_data, progress=_progress()
+    )
+    result, written, notes = optimize_file(
+        model,
+        output,
+        Target.parse(target),
+        calibration,
+        parse_tolerance(tolerance),
+        options,
+        explore=not no_explore,
+        report_path=report_path,
+    )
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.to_text())
+    for note in notes:
+        click.echo(note, err=True)
+    if result.chosen is None:
+        raise _Fail(
+            f"no recipe meets {result.target.words()} within the tolerance; nothing written",
+            EXIT_GATE,
+        )
+    click.echo(f"wrote {written.model} and {written.recipe}", err=as_json)
 
 
 def _output_path(model: Path, output: Path | None, in_place: bool) -> Path:

@@ -1,0 +1,108 @@
+"""optimize: a size target under a tolerance, on the MNIST MLP fixture with real digits; the
+chosen recipe replays to the same bytes; a tolerance nothing meets writes nothing and exits 1;
+targets and tolerances it cannot take are one line and exit 2 before any work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fixtures.mnist import mnist_split
+from onnxcompress.errors import BadOption
+from onnxcompress.optimize import Target, parse_tolerance
+from tests.conftest import FIXTURES, sha256
+from tests.test_cli import assert_one_clear_line, invoke
+
+MLP = FIXTURES / "mnist_mlp.onnx"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, real):
+    """Calibration (128 digits) and held-out (256 other digits) feeds as .npz files."""
+    folder = tmp_path_factory.mktemp("digits")
+    (images, _), _ = mnist_split(real)
+    flat = images.reshape(len(images), -1).astype(np.float32)
+    np.savez(folder / "calibration.npz", input=flat[:128])
+    np.savez(folder / "held_out.npz", input=flat[128:384])
+    return folder / "calibration.npz", folder / "held_out.npz"
+
+
+def test_a_size_target_is_met_within_the_tolerance_and_the_recipe_replays_it(tmp_path, digits):
+    calibration, held_out = digits
+    output, report = tmp_path / "small.onnx", tmp_path / "optimize.json"
+    before = sha256(MLP)
+    result = invoke(
+        "optimize", MLP, "-o", output, "--target", "size=8x", "--tolerance", "agreement=0.97",
+        "--calibration", calibration, "--data", held_out, "--report", report,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sha256(MLP) == before
+    data = json.loads(report.read_text())
+    chosen = [trial for trial in data["trials"] if trial["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["recipe"] == data["chosen"]
+    assert 8 * 0.95 <= chosen[0]["ratio"] <= 8 * 1.05
+    assert chosen[0]["min_agreement"] >= 0.97
+    explored = sorted(trial["ratio"] for trial in data["trials"] if trial["role"] == "explored")
+    assert explored[0] < 6 < 10 < explored[-1]  # the trade-off spans the target
+    assert (tmp_path / "small.tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    replay = tmp_path / "replay.onnx"
+    recipe = tmp_path / "small.recipe.json"
+    again = invoke(
+        "compress", MLP, "-o", replay, "--recipe", recipe, "--calibration", calibration,
+        "--no-validate",
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert sha256(replay) == sha256(output)
+
+
+def test_a_tolerance_no_recipe_meets_writes_nothing_and_exits_1(tmp_path, digits):
+    calibration, held_out = digits
+    output = tmp_path / "small.onnx"
+    result = invoke(
+        "optimize", MLP, "-o", output, "--target", "size=8x", "--tolerance", "rel=0.0001",
+        "--calibration", calibration, "--data", held_out, "--no-explore",
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "tolerance missed" in result.stdout
+    assert "no recipe meets size=8x" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--target", "latency=1.5x"], "latency targets are not built yet"),
+        (["--target", "size=eight"], "give size=RATIOx"),
+        (["--target", "size=0.5x"], "at least 1x"),
+        (["--target", "size=8x", "--tolerance", "drop=0.01"], "drop= needs --metric"),
+        (["--target", "size=8x", "--tolerance", "agreement=most"], "is not a number"),
+    ],
+)
+def test_targets_and_tolerances_it_cannot_take_are_one_line_and_exit_2(tmp_path, args, fragment):
+    output = tmp_path / "small.onnx"
+    result = invoke("optimize", MLP, "-o", output, *args)
+    assert_one_clear_line(result, 2, fragment)
+    assert not output.exists()
+
+
+def test_the_output_may_not_be_the_input(tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(MLP.read_bytes())
+    result = invoke("optimize", model, "-o", model, "--target", "size=8x")
+    assert result.exit_code == 2 and "the output is the input" in result.output
+    assert sha256(model) == sha256(MLP)
+
+
+def test_targets_and_tolerances_parse():
+    assert Target.parse("size=8x") == Target(ratio=8.0)
+    assert Target.parse("SIZE = 2.5X") == Target(ratio=2.5)
+    assert Target.parse("bytes=1000") == Target(nbytes=1000)
+    assert Target(ratio=8.0).size_option(1.5) == "12x"
+    assert Target(nbytes=1000).size_option(2.0) == "500"
+    gates = parse_tolerance(["agreement=0.99", "rel=0.02"])
+    assert (gates.min_agreement, gates.max_rel_error) == (0.99, 0.02)
+    assert parse_tolerance([]) is None
+    with pytest.raises(BadOption):
+        Target.parse("bytes=-3")
