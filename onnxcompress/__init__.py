@@ -13,7 +13,7 @@ from onnxcompress.errors import (
 )
 from onnxcompress.inspection import inspect_model
 from onnxcompress.model_io import save
-from onnxcompress.optimize import OptimizeResult, Target, optimize, optimize_file
+from onnxcompress.optimize import Metric, OptimizeResult, Target, Tolerance, optimize, optimize_file
 from onnxcompress.passes import PASSES, CompressionPass, PassContext, PassReport
 from onnxcompress.pipeline import Gates, Options, compress
 from onnxcompress.recipe import Recipe
@@ -37,6 +37,7 @@ __all__ = [
     "CompressionPass",
     "CompressionReport",
     "Gates",
+    "Metric",
     "OnnxCompressError",
     "OptimizeResult",
     "Options",
@@ -46,6 +47,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Target",
+    "Tolerance",
     "ToleranceExceeded",
     "Validation",
     "__version__",

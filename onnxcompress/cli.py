@@ -27,7 +27,7 @@ from onnxcompress.calibration import (
 )
 from onnxcompress.errors import OnnxCompressError, ToleranceExceeded
 from onnxcompress.inspection import inspect_model
-from onnxcompress.optimize import Target, optimize_file, parse_tolerance
+from onnxcompress.optimize import Metric, Target, Tolerance, optimize_file
 from onnxcompress.passes import PASSES
 from onnxcompress.pipeline import Gates, Options, compress_file
 from onnxcompress.recipe import Recipe
@@ -274,6 +274,12 @@ def compress(
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-explore", is_flag=True, help="Skip the sizes around the target.")
+@click.option(
+    "--metric",
+    "metric_spec",
+    metavar="FILE.py:FUNCTION",
+    help="Your measure: FUNCTION(reference_outputs, candidate_outputs) -> score, 1 = same.",
+)
 @_handled
 @_data_options
 def optimize_command(
@@ -286,6 +292,7 @@ def optimize_command(
     report_path,
     as_json,
     no_explore,
+    metric_spec,
     feed_options,
 ) -> None:
     """Reach a size target under a tolerance: the best recipe found, and the trade-off."""
@@ -294,15 +301,18 @@ def optimize_command(
     options = feed_options.pipeline_options(
         True, validation_data=validation_data, progress=_progress()
     )
+    goal, limits = Target.parse(target), Tolerance.parse(tolerance)
+    metric = Metric.from_spec(metric_spec) if metric_spec else None
     result, written, notes = optimize_file(
         model,
         output,
-        Target.parse(target),
+        goal,
         calibration,
-        parse_tolerance(tolerance),
+        limits,
         options,
         explore=not no_explore,
         report_path=report_path,
+        metric=metric,
     )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.to_text())
     for note in notes:

@@ -123,7 +123,7 @@ def _run_recipe(loaded, recipe, calibration, tolerance, options):
     if calibration is None:  # synthetic feeds and accounting need a batch size: 1 by default
         dims, batch_notes = with_default_batch(model, options.dims or {})
         options, notes = dataclasses.replace(options, dims=dims), [*notes, *batch_notes]
-    feeds = _feeds(calibration, model, options)
+    feeds = resolve_feeds(calibration, model, options)
     input_shapes = (
         {name: list(array.shape) for name, array in feeds[0].items()}
         if feeds
@@ -158,7 +158,7 @@ def _run_recipe(loaded, recipe, calibration, tolerance, options):
         report.after = _stats(model, resolve_shapes(model, input_shapes), None)
         if options.validate and reference is not None:
             held_out = options.validation_data
-            checks = feeds if held_out is None else _feeds(held_out, model, options)
+            checks = feeds if held_out is None else resolve_feeds(held_out, model, options)
             _validate(report, reference, model, checks, tolerance, options)
     finally:
         if reference is not None:
@@ -169,7 +169,9 @@ def _run_recipe(loaded, recipe, calibration, tolerance, options):
     return model, report
 
 
-def _feeds(calibration, model: ir.Model, options: Options) -> Sequence[Feed]:
+def resolve_feeds(calibration, model: ir.Model, options: Options) -> Sequence[Feed]:
+    """The feeds ``calibration`` names for ``model`` (a file or folder read as ``options``
+    say, feeds as given, or synthetic feeds when None and validating)."""
     if calibration is None:
         if not options.validate:
             return []

@@ -11,7 +11,8 @@ import pytest
 
 from fixtures.mnist import mnist_split
 from onnxcompress.errors import BadOption
-from onnxcompress.optimize import Target, parse_tolerance
+from onnxcompress.optimize import Target, Tolerance, optimize
+from onnxcompress.pipeline import Options
 from tests.conftest import FIXTURES, sha256
 from tests.test_cli import assert_one_clear_line, invoke
 
@@ -76,7 +77,10 @@ def test_a_tolerance_no_recipe_meets_writes_nothing_and_exits_1(tmp_path, digits
         (["--target", "latency=1.5x"], "latency targets are not built yet"),
         (["--target", "size=eight"], "give size=RATIOx"),
         (["--target", "size=0.5x"], "at least 1x"),
-        (["--target", "size=8x", "--tolerance", "drop=0.01"], "drop= needs --metric"),
+        (["--target", "size=8x", "--tolerance", "drop=0.01"], "needs --metric"),
+        (["--target", "size=8x", "--tolerance", "speed=2"], "give agreement=A"),
+        (["--target", "size=8x", "--metric", "nowhere.py:score"], "no such file nowhere.py"),
+        (["--target", "size=8x", "--metric", "score"], "give FILE.py:FUNCTION"),
         (["--target", "size=8x", "--tolerance", "agreement=most"], "is not a number"),
     ],
 )
@@ -101,8 +105,59 @@ def test_targets_and_tolerances_parse():
     assert Target.parse("bytes=1000") == Target(nbytes=1000)
     assert Target(ratio=8.0).size_option(1.5) == "12x"
     assert Target(nbytes=1000).size_option(2.0) == "500"
-    gates = parse_tolerance(["agreement=0.99", "rel=0.02"])
-    assert (gates.min_agreement, gates.max_rel_error) == (0.99, 0.02)
-    assert parse_tolerance([]) is None
+    tolerance = Tolerance.parse(["agreement=0.99", "rel=0.02"])
+    assert (tolerance.gates.min_agreement, tolerance.gates.max_rel_error) == (0.99, 0.02)
+    assert Tolerance.parse([]) == Tolerance()
+    assert Tolerance.parse(["drop=0.25"]).metric_floor == 0.75
     with pytest.raises(BadOption):
         Target.parse("bytes=-3")
+
+
+METRIC = """
+import numpy as np
+
+def digit_agreement(reference, candidate):
+    return float(np.mean(reference[0].argmax(-1) == candidate[0].argmax(-1)))
+
+def broken(reference, candidate):
+    raise ValueError("not this one")
+"""
+
+
+def test_a_user_metric_judges_and_ranks_the_candidates(tmp_path, digits):
+    """``--metric FILE.py:FUNCTION`` scores each trial against the original; its floor is a
+    gate; a metric file that fails to load is one line and exit 2."""
+    calibration, held_out = digits
+    script = tmp_path / "metric.py"
+    script.write_text(METRIC)
+    output, report = tmp_path / "small.onnx", tmp_path / "optimize.json"
+    result = invoke(
+        "optimize", MLP, "-o", output, "--target", "size=8x", "--metric",
+        f"{script}:digit_agreement", "--tolerance", "metric=0.97", "--calibration",
+        calibration, "--data", held_out, "--no-explore", "--report", report,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    scores = {" ".join(t["recipe"]): t["score"] for t in data["trials"]}
+    chosen = " ".join(data["chosen"])
+    assert scores[chosen] == max(scores.values()) and scores[chosen] >= 0.97
+    assert "digit_agreement" in result.stdout
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise ImportError('missing dependency')\n")
+    failed = invoke("optimize", MLP, "-o", output, "--target", "size=8x", "--metric",
+                    f"{bad}:score")  # fmt: skip
+    assert_one_clear_line(failed, 2, "cannot load", "missing dependency")
+
+
+def test_a_metric_floor_nothing_meets_refuses_through_the_api(digits):
+    calibration, held_out = digits
+
+    def never(reference, candidate):
+        return 0.0
+
+    model, result = optimize(
+        str(MLP), Target(ratio=4.0), str(calibration), Tolerance(metric_floor=0.5),
+        Options(validation_data=str(held_out)), explore=False, metric=never,
+    )  # fmt: skip
+    assert model is None and result.chosen is None
+    assert all("never 0.0000 < 0.5" in t.failures[0] for t in result.trials)
