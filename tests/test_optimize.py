@@ -141,6 +141,8 @@ def test_a_user_metric_judges_and_ranks_the_candidates(tmp_path, digits):
     scores = {" ".join(t["recipe"]): t["score"] for t in data["trials"]}
     chosen = " ".join(data["chosen"])
     assert scores[chosen] == max(scores.values()) and scores[chosen] >= 0.97
+    # each candidate is scored as compressed: the sparse one agrees less than the chosen one
+    assert min(scores.values()) < scores[chosen]
     assert "digit_agreement" in result.stdout
     bad = tmp_path / "bad.py"
     bad.write_text("raise ImportError('missing dependency')\n")
@@ -161,3 +163,22 @@ def test_a_metric_floor_nothing_meets_refuses_through_the_api(digits):
     )  # fmt: skip
     assert model is None and result.chosen is None
     assert all("never 0.0000 < 0.5" in t.failures[0] for t in result.trials)
+
+
+def test_the_metric_sees_each_candidate_as_compressed_even_after_an_opset_upgrade(real):
+    """mnist-8 (opset 8) is upgraded before the codebook runs: the metric must be given the
+    upgraded, compressed model's outputs, not the model as loaded."""
+    (images, _), _ = mnist_split(real)
+    feeds = [{"Input3": image[None].astype(np.float32)} for image in images[:8]]
+    differences = []
+
+    def changed(reference, candidate):
+        differences.append(float(np.abs(reference[0] - candidate[0]).max()))
+        return 1.0
+
+    model, result = optimize(
+        str(real / "mnist-8.onnx"), Target(ratio=3.0), feeds, None, Options(),
+        explore=False, metric=changed,
+    )  # fmt: skip
+    assert model is not None and result.chosen is not None
+    assert max(differences) > 0

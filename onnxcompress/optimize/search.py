@@ -243,7 +243,7 @@ class _Run:
         # saved as compress would save it: the recipe replays to these bytes
         model_io.save(model, self.scratch, external_data=external_data)
         size = model_io.size_on_disk(self.scratch)
-        score = self._score(loaded.model) if self.metric else None
+        score = self._score(model) if self.metric else None
         trial = Trial(
             recipe,
             role,
