@@ -102,11 +102,28 @@ def _lloyd_sorted(ordered: np.ndarray, k: int, init: str, rng: np.random.Generat
     """Lloyd's k-means on ascending values: clusters are intervals, means come from prefix sums.
 
     Each iteration costs O(k log n), so a 10-million-value tensor clusters in about the
-    time it takes to sort it.
-    """
+    time it takes to sort it. Centroids left with no value (seeds in the empty stretches of a
+    heavy-tailed weight) are moved into the clusters that cost the most, and Lloyd goes on
+    (``reseed_dead``)."""
     prefix = np.concatenate(([0.0], np.cumsum(ordered, dtype=np.float64)))
+    squares = np.concatenate(([0.0], np.cumsum(np.square(ordered), dtype=np.float64)))
     tolerance = TOLERANCE * float(ordered.var())
-    centroids = _initial_centroids(ordered, k, init, rng)
+    centroids, cuts = _lloyd_rounds(
+        ordered, prefix, _initial_centroids(ordered, k, init, rng), tolerance
+    )
+    for _ in range(RESEED_ROUNDS):
+        starts, ends = np.concatenate(([0], cuts)), np.concatenate((cuts, [len(ordered)]))
+        moved = reseed_dead(ordered[None], prefix[None], squares[None], centroids[None],
+                            starts[None], ends[None])  # fmt: skip
+        if moved is None:
+            break
+        centroids, cuts = _lloyd_rounds(ordered, prefix, moved[0], tolerance)
+    return centroids
+
+
+def _lloyd_rounds(ordered, prefix, centroids, tolerance) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd iterations from ``centroids`` until they settle; the centroids and the cuts
+    between their clusters."""
     cuts = None
     for _ in range(MAX_ITER):
         bounds = (centroids[:-1] + centroids[1:]) / 2
@@ -124,7 +141,44 @@ def _lloyd_sorted(ordered: np.ndarray, k: int, init: str, rng: np.random.Generat
         centroids.sort()
         if np.square(centroids - previous).sum() <= tolerance:
             break
-    return centroids
+    bounds = (centroids[:-1] + centroids[1:]) / 2
+    return centroids, np.searchsorted(ordered, bounds, side="left")
+
+
+#: Times the centroids left empty are moved and Lloyd resumed. On PP-OCRv4's recognizer a
+#: BN-folded 1×1 conv (values within ±0.9 but for a few up to 29) used 63 of 256 linear
+#: seeds: relative error 6.1% at 8 bits, 0.9% with the empty ones moved. Weighing choices
+#: (``RowQuantizer``) moves them once: on EfficientNet-Lite1 one round took the mean 4-bit
+#: error from 0.0176 to 0.0149 and more rounds to 0.0149, for 40% more weighing time each.
+RESEED_ROUNDS = 2
+
+
+def reseed_dead(ordered, prefix, squares, centroids, starts, ends) -> np.ndarray | None:
+    """Rows ``[G, M]`` of ascending values with ``centroids`` ``[G, k]`` whose clusters are
+    ``[starts, ends)``: each centroid with no value is moved into one of its row's costliest
+    clusters (the most squared error), a quarter of the way into its values, so the next
+    Lloyd rounds split it. The new centroids (ascending), or None when no row has an empty
+    centroid and a cluster with error to split."""
+    counts = ends - starts
+    dead = counts == 0
+    rows = np.arange(len(ordered))
+    sums = _between(prefix, rows, starts, ends)
+    cost = _between(squares, rows, starts, ends) - sums**2 / np.maximum(counts, 1)
+    cost = np.where(dead, -np.inf, cost)
+    useful = dead.any(axis=1) & (cost.max(axis=1) > 0)
+    if not useful.any():
+        return None
+    worst = np.argsort(-cost, axis=1)  # each row's clusters, costliest first
+    rank = np.cumsum(dead, axis=1) - 1  # the j-th empty centroid takes the j-th costliest
+    target = np.take_along_axis(worst, np.clip(rank, 0, None), axis=1)
+    start = np.take_along_axis(starts, target, 1)
+    end = np.take_along_axis(ends, target, 1)
+    length = ordered.shape[1]
+    inside = np.clip(start + (end - start) // 4, 0, length - 1)
+    seeds = ordered.ravel()[(rows * length)[:, None] + inside]
+    moved = np.where(dead & useful[:, None], seeds, centroids)
+    moved.sort(axis=1)
+    return moved
 
 
 def _initial_centroids(
@@ -211,6 +265,7 @@ class RowQuantizer:
     once, where ``fit_scalar`` goes row by row."""
 
     ITERATIONS = 20  # the error settles long before the centroids stop moving
+    RESEED_ROUNDS = 1  # empty centroids moved (``reseed_dead``) once when weighing
 
     def __init__(self, rows: np.ndarray) -> None:
         groups, length = rows.shape
@@ -228,6 +283,7 @@ class RowQuantizer:
         self._ordered = ordered
         self._moments: tuple[np.ndarray, ...] | None = None
         self._weighted = False
+        self._square_prefix: np.ndarray | None = None
 
     def squared_error(self, k: int, weights: np.ndarray | None = None) -> float:
         """Σ w·(x − c)² over every value x and its centroid c at ``k`` (w: ``weights``
@@ -271,11 +327,32 @@ class RowQuantizer:
 
     def fit(self, k: int, labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Centroids ``[G, k]`` (ascending) and the label of every sorted value ``[G, M]``
-        (None when not asked for)."""
+        (None when not asked for). Empty centroids are moved as ``fit_scalar`` moves them
+        (``reseed_dead``)."""
         length = self.shape[1]
         centroids = self.low + (self.high - self.low) * np.linspace(0.0, 1.0, k)
-        active = self.every  # the rows whose centroids still move
+        self._lloyd(centroids, self.every)
+        for _ in range(self.RESEED_ROUNDS):
+            starts, ends = self._intervals(centroids, self.every)
+            moved = reseed_dead(
+                self._ordered, self.prefix, self._squares(), centroids, starts, ends
+            )
+            if moved is None:
+                break
+            changed = np.flatnonzero(np.any(moved != centroids, axis=1))
+            centroids[changed] = moved[changed]
+            self._lloyd(centroids, changed)
+        if not labels:
+            return centroids, None
+        starts, _ = self._intervals(centroids, self.every)
+        return centroids, _labels(starts, length)
+
+    def _lloyd(self, centroids: np.ndarray, active: np.ndarray) -> None:
+        """Lloyd iterations on the ``active`` rows' centroids, in place, each row until its
+        centroids settle."""
         for _ in range(self.ITERATIONS):
+            if not active.size:
+                break
             current = centroids[active]
             starts, ends = self._intervals(current, active)
             counts = ends - starts
@@ -285,12 +362,13 @@ class RowQuantizer:
             centroids[active] = moved
             # a row has settled when none of its centroids moves by a thousandth of its span
             active = active[np.any(np.abs(moved - current) > 1e-3 * self.span[active], axis=1)]
-            if not active.size:
-                break
-        if not labels:
-            return centroids, None
-        starts, _ = self._intervals(centroids, self.every)
-        return centroids, _labels(starts, length)
+
+    def _squares(self) -> np.ndarray:
+        """Running sums of the squared sorted values of each row (made once, when needed)."""
+        if self._square_prefix is None:
+            zero = np.zeros((self.shape[0], 1))
+            self._square_prefix = np.concatenate((zero, np.cumsum(self._ordered**2, axis=1)), 1)
+        return self._square_prefix
 
     def _intervals(self, centroids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
         """Each cluster's [start, end) among the sorted values of its row, for ``rows``."""
