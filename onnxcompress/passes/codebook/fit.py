@@ -156,8 +156,8 @@ RESEED_ROUNDS = 2
 def reseed_dead(ordered, prefix, squares, centroids, starts, ends) -> np.ndarray | None:
     """Rows ``[G, M]`` of ascending values with ``centroids`` ``[G, k]`` whose clusters are
     ``[starts, ends)``: each centroid with no value is moved into one of its row's costliest
-    clusters (the most squared error), a quarter of the way into its values, so the next
-    Lloyd rounds split it. The new centroids (ascending), or None when no row has an empty
+    clusters (the most squared error), part of the way into its values, so the next Lloyd
+    rounds split it. The new centroids (ascending), or None when no row has an empty
     centroid and a cluster with error to split."""
     counts = ends - starts
     dead = counts == 0
@@ -169,12 +169,16 @@ def reseed_dead(ordered, prefix, squares, centroids, starts, ends) -> np.ndarray
     if not useful.any():
         return None
     worst = np.argsort(-cost, axis=1)  # each row's clusters, costliest first
-    rank = np.cumsum(dead, axis=1) - 1  # the j-th empty centroid takes the j-th costliest
-    target = np.take_along_axis(worst, np.clip(rank, 0, None), axis=1)
+    # the j-th empty centroid goes to the (j mod n)-th costliest of the n clusters with
+    # values; when they are more than n, a cluster takes several, spread through its values
+    alive = np.maximum((~dead).sum(axis=1, keepdims=True), 1)
+    rank = np.clip(np.cumsum(dead, axis=1) - 1, 0, None)
+    target = np.take_along_axis(worst, rank % alive, axis=1)
+    share = (rank // alive + 1) / (dead.sum(axis=1, keepdims=True) // alive + 2)
     start = np.take_along_axis(starts, target, 1)
     end = np.take_along_axis(ends, target, 1)
     length = ordered.shape[1]
-    inside = np.clip(start + (end - start) // 4, 0, length - 1)
+    inside = np.clip(start + ((end - start) * share).astype(np.int64), 0, length - 1)
     seeds = ordered.ravel()[(rows * length)[:, None] + inside]
     moved = np.where(dead & useful[:, None], seeds, centroids)
     moved.sort(axis=1)
