@@ -164,6 +164,27 @@ def _gate_options(command):
     return wrapper
 
 
+def _data_and_report_options(data_help: str):
+    """--calibration, --data (held-out feeds, ``data_help`` says for what), --report, --json."""
+
+    def decorate(command):
+        options = [
+            click.option(
+                "--calibration", type=click.Path(), help="A .npz or a folder of .npy feeds."
+            ),
+            click.option("--data", "validation_data", type=click.Path(), help=data_help),
+            click.option(
+                "--report", "report_path", type=click.Path(), help="Write the JSON report here."
+            ),
+            click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def _recipe(passes: tuple[str, ...], recipe_file: str | None) -> Recipe:
     if passes and recipe_file:
         raise click.UsageError("give either -p options or --recipe, not both")
@@ -187,15 +208,7 @@ def main(verbose: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the result.")
 @click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically).")
 @_recipe_options
-@click.option("--calibration", type=click.Path(), help="A .npz or a folder of .npy feeds.")
-@click.option(
-    "--data",
-    "validation_data",
-    type=click.Path(),
-    help="Validate on these feeds instead (default: the calibration data).",
-)
-@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_data_and_report_options("Validate on these feeds instead (default: the calibration data).")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime comparison.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when a gate fails.")
 @click.option(
@@ -262,17 +275,9 @@ def compress(
 @click.option(
     "--tolerance",
     multiple=True,
-    help="agreement=A (top-1 agreement) or rel=R (relative L2), repeatable.",
+    help="agreement=A, rel=R (relative L2), metric=M or drop=D (with --metric); repeatable.",
 )
-@click.option("--calibration", type=click.Path(), help="A .npz or a folder of .npy feeds.")
-@click.option(
-    "--data",
-    "validation_data",
-    type=click.Path(),
-    help="Held-out feeds to judge the candidates on (default: the calibration).",
-)
-@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_data_and_report_options("Held-out feeds to judge the candidates on (default: the calibration).")
 @click.option("--no-explore", is_flag=True, help="Skip the sizes around the target.")
 @click.option(
     "--metric",
