@@ -182,3 +182,25 @@ def test_the_metric_sees_each_candidate_as_compressed_even_after_an_opset_upgrad
     )  # fmt: skip
     assert model is not None and result.chosen is not None
     assert max(differences) > 0
+
+
+def test_without_held_out_data_a_quarter_of_the_calibration_judges_and_all_of_it_replays(
+    tmp_path, digits
+):
+    """No --data: the candidates are fitted to three quarters of the calibration feeds and
+    judged on the rest; the chosen recipe is then made again on all of them, so that
+    ``compress --recipe`` with the same calibration replays it to the same bytes."""
+    calibration, _ = digits
+    output = tmp_path / "small.onnx"
+    result = invoke(
+        "optimize", MLP, "-o", output, "--target", "size=4x", "--calibration", calibration,
+        "--no-explore",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "fitted to the first 12 calibration feeds and judged on the last 4" in result.stdout
+    replay = tmp_path / "replay.onnx"
+    recipe = tmp_path / "small.recipe.json"
+    again = invoke("compress", MLP, "-o", replay, "--recipe", recipe, "--calibration",
+                   calibration, "--no-validate")  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert sha256(replay) == sha256(output)

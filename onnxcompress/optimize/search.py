@@ -103,6 +103,7 @@ class OptimizeResult:
     trials: list[Trial] = field(default_factory=list)
     chosen: Trial | None = None
     report: CompressionReport | None = None  # the chosen recipe's own report
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +115,7 @@ class OptimizeResult:
             "metric": self.metric.name if self.metric else None,
             "chosen": self.chosen.recipe if self.chosen else None,
             "trials": [_trial_dict(t, t is self.chosen) for t in self.trials],
+            "notes": self.notes,
             "report": self.report.to_dict() if self.report else None,
         }
 
@@ -128,6 +130,7 @@ class OptimizeResult:
             "predicted / measured: relative squared output error summed over outputs (the "
             "prediction is taken before a final Softmax or Sigmoid, the measure after)"
         )
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -185,23 +188,60 @@ def optimize(
         raise BadOption("a metric= or drop= tolerance needs --metric FILE.py:FUNCTION")
     result = OptimizeResult(target, tolerance, metric)
     original = model_io.size_on_disk(source)
+    fitted, judging = _judging_split(source, calibration, options, result.notes)
     plan = [(r, "candidate", 1.0) for r in candidates(target, calibration is not None)]
     if explore and target.ratio is not None:
         plan += [([f"codebook:size={target.size_option(f)}"], "explored", f) for f in EXPLORED]
-    steps = Steps(options.progress, "optimize: recipes tried", len(plan))
+    steps = Steps(options.progress, "optimize: recipes tried", len(plan) + (fitted is not None))
     best = None
     with tempfile.TemporaryDirectory(prefix="onnxcompress-optimize-") as scratch:
         scratch_file = Path(scratch) / "trial.onnx"
-        run = _Run(source, calibration, tolerance, metric, options, scratch_file)
+        data = calibration if fitted is None else fitted
+        run = _Run(source, data, tolerance, metric, judging, scratch_file, original)
         for recipe, role, factor in plan:
             trial, model, report = run.trial(recipe, role, target.goal_bytes(original, factor))
-            trial.ratio = original / trial.file_bytes if trial.file_bytes else 0.0
             result.trials.append(trial)
             if role == "candidate" and trial.acceptable and _better(trial, result.chosen):
                 del best  # the one it replaces goes before the next trial loads
                 result.chosen, result.report, best = trial, report, model
             steps.done()
+        if fitted is not None and result.chosen is not None:
+            del best  # chosen on held-back feeds, made again on all of them (as a replay is)
+            best, result.report = run_recipe(
+                model_io.load(source), result.chosen.recipe, calibration, None, options
+            )
+            steps.done()
     return best, result
+
+
+#: Without --data, this share of the calibration feeds (at least one) judges the candidates
+#: and the rest fits them, when there are at least ``MIN_FEEDS_TO_SPLIT`` feeds.
+JUDGING_SHARE = 0.25
+MIN_FEEDS_TO_SPLIT = 4
+
+
+def _judging_split(source, calibration, options: Options, notes: list[str]):
+    """(the feeds the candidates are fitted to, or None for all the calibration; the options
+    whose validation feeds judge them). A candidate refitted to the data looks better on that
+    data than it is: on EfficientNet-Lite1 at 8x, judged on its own 50 images the refit won
+    (relative L2 0.30 against 0.32) and then scored top-1 0.86 against 0.90 on other images.
+    So without ``--data`` the last quarter of the feeds is held back to judge, and the chosen
+    recipe is then made again on all of them."""
+    if options.validation_data is not None or calibration is None:
+        return None, options
+    feeds = resolve_feeds(calibration, model_io.load(source).model, options)
+    if len(feeds) < MIN_FEEDS_TO_SPLIT:
+        notes.append(
+            f"candidates judged on the {len(feeds)} calibration feed(s) they were fitted to "
+            "(too few to hold some back): give --data for a fair judgement"
+        )
+        return None, options
+    held = max(1, int(len(feeds) * JUDGING_SHARE))
+    notes.append(
+        f"candidates fitted to the first {len(feeds) - held} calibration feeds and judged on "
+        f"the last {held}; the chosen recipe made again on all {len(feeds)}"
+    )
+    return feeds[:-held], dataclasses.replace(options, validation_data=feeds[-held:])
 
 
 def _better(trial: Trial, chosen: Trial | None) -> bool:
@@ -225,6 +265,7 @@ class _Run:
     metric: Metric | None
     options: Options
     scratch: Path
+    original: int  # the source's bytes on disk
     _references: list | None = None  # the original's outputs on the validation feeds
 
     def trial(self, recipe: list[str], role: str, goal: float):
@@ -256,6 +297,7 @@ class _Run:
             meets_size=size <= goal * (1 + SIZE_SLACK),
             score=score,
         )
+        trial.ratio = self.original / size if size else 0.0
         return trial, model, report
 
     def _misses(self, validation: Validation | None, score: float | None) -> list[str]:
