@@ -31,8 +31,8 @@ from onnxcompress.passes.lowrank.layer import Layer
 from onnxcompress.stats import SecondMoments, layer_rows
 from onnxcompress.validate import Runner
 
-#: A wave holds at most this many layers (student inputs), this many bytes of their inputs
-#: and outputs for one sample, and this many bytes of sums.
+#: A wave holds at first this many layers (student inputs), at most this many bytes of
+#: their inputs and outputs for one sample, and this many bytes of sums.
 WAVE_LAYERS = 8
 WAVE_BYTES = 192 << 20
 WAVE_SUM_BYTES = 384 << 20
@@ -61,6 +61,9 @@ class LayerTargets:
         self.fit = fit  # refit factors to the data, or only measure errors on it
         self.inputs = inputs
         self.sweeps = 0  # model sweeps so far (a student and a teacher sweep count one each)
+        # student inputs: a wave's size doubles after a wave used whole (nothing rewritten),
+        # and starts over after a rewrite, which throws away the sums captured ahead
+        self.wave_layers, self.rewritten = WAVE_LAYERS, True
         known = teacher.value_names()
         original = [name for name in outputs if name in known]
         created = [name for name in outputs if name not in known]
@@ -85,6 +88,9 @@ class LayerTargets:
         with its wave, before which nothing has been rewritten since, with student inputs)."""
         node = layer.node
         if node.outputs[0].name not in self.ready:
+            if not self.rewritten:
+                self.wave_layers *= 2
+            self.rewritten = False
             self._capture(self._wave(node))
         return self.ready.pop(node.outputs[0].name)
 
@@ -92,12 +98,13 @@ class LayerTargets:
         """The student just changed: drop the sums captured ahead from its inputs."""
         if self.inputs == "student":
             self.ready.clear()
+            self.wave_layers, self.rewritten = WAVE_LAYERS, True
 
     def _wave(self, node: ir.Node) -> list[ir.Node]:
         """``node`` and the layers after it, while they share a teacher and fit the budget."""
         later = self.upcoming[self.index[id(node)] + 1 :] if id(node) in self.index else []
         teacher = self.targets[node.outputs[0].name]
-        most = WAVE_LAYERS if self.inputs == "student" else len(self.upcoming) + 1
+        most = self.wave_layers if self.inputs == "student" else len(self.upcoming) + 1
         wave, room, sums = [node], WAVE_BYTES - self._bytes(node), WAVE_SUM_BYTES
         sums -= self._sum_bytes(node)
         for other in later:
