@@ -150,7 +150,9 @@ class LowRank(CompressionPass):
         ranks do not depend on the data, the rewrite planned from the weights alone goes
         through the guards (min_saving, min_speedup: they see ranks and shapes, not values)."""
         decided: dict[int, Skip] = {}
-        steps = Steps(ctx.progress, "lowrank: layers (guards before capture)", len(candidates))
+        if self.config.max_error is not None:  # every rank follows from the data
+            return decided
+        steps = Steps(ctx.progress, "lowrank: guards before capture", len(candidates))
         for node in candidates:
             try:
                 layer = self._layer(node, with_data=True)
