@@ -120,8 +120,9 @@ def accuracy() -> list[str]:
     line = "{:<15} {:<8} {:>26} {:>15}".format
     print(line("setting", "inputs", "top-1 (held out, 2 folds)", "seconds a fold"), flush=True)
     cases = [("float", None, "")]
-    for label, steps in (("latency-aware", LATENCY_AWARE), ("max_error=0.1", MAX_ERROR)):
-        cases += [(label, steps, "teacher"), (label, steps, "student")]
+    # the recipe with student inputs takes minutes a fold (two sweeps a rewritten layer)
+    cases += [("latency-aware", LATENCY_AWARE, "teacher")]
+    cases += [("max_error=0.1", MAX_ERROR, "student"), ("max_error=0.1", MAX_ERROR, "teacher")]
     for label, steps, inputs in cases:
         correct, total, seconds = 0.0, 0, 0.0
         for fold in (0, 1):
