@@ -110,7 +110,7 @@ class SecondMoments:
     def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
         """Add matching rows of x and y; without ``y`` only Σ x̃x̃ᵀ grows (a Gram matrix of
         the inputs: ``xy``, ``yy`` and ``error`` are then left unset)."""
-        x = x.astype(self.product_dtype)
+        x = x.astype(self.product_dtype, copy=False)
         # the intercept's row and column are sums: no copy of x with a column of ones
         xx = _bordered(x.T @ x, x.sum(0, dtype=np.float64), len(x), self.intercept)
         self.xx = xx if self.xx is None else self.xx + xx
