@@ -202,6 +202,10 @@ class Runner:
         else:
             yield self._values(wanted, feed)
 
+    def part_count(self, feed: Feed) -> int:
+        """How many parts ``capture_parts`` cuts ``feed`` into."""
+        return (_samples(feed) or 1) if self._splits(feed) else 1
+
     def _parts(self, feed: Feed, wanted: list[str]) -> Iterator[dict[str, np.ndarray]]:
         for start in range(_samples(feed) or 0):
             part = {name: array[start : start + 1] for name, array in feed.items()}

@@ -161,15 +161,16 @@ class SecondMoments:
         """Add matching rows of x and y; without ``y`` only Σ x̃x̃ᵀ grows (a Gram matrix of
         the inputs: ``xy``, ``yy`` and ``error`` are then left unset)."""
         x = x.astype(self.product_dtype, copy=False)
-        if self.intercept:
-            x = np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1)
-        xx = (x.T @ x).astype(np.float64)
+        # the intercept's row and column are sums: no copy of x with a column of ones
+        xx = _bordered(x.T @ x, x.sum(0, dtype=np.float64), len(x), self.intercept)
         self.xx = xx if self.xx is None else self.xx + xx
         self.count += len(x)
         if y is None:
             return
         y = y.astype(self.product_dtype, copy=False)
         xy = (x.T @ y).astype(np.float64)
+        if self.intercept:
+            xy = np.concatenate([xy, y.sum(0, dtype=np.float64)[None]])
         self.xy = xy if self.xy is None else self.xy + xy
         self.yy += float(np.square(y, dtype=np.float64).sum())
 
@@ -187,6 +188,19 @@ class SecondMoments:
         residual = float(np.sum(affine * (self.xx @ affine))) - 2 * float(np.sum(affine * self.xy))
         residual += self.yy
         return float(np.sqrt(max(residual, 0.0) / self.yy)) if self.yy > 0 else 0.0
+
+
+def _bordered(gram: np.ndarray, sums: np.ndarray, count: int, intercept: bool) -> np.ndarray:
+    """x̃ᵀx̃ in float64 from xᵀx, Σx and the row count (x̃ = [x, 1]); xᵀx alone without the
+    intercept."""
+    if not intercept:
+        return gram.astype(np.float64)
+    inputs = len(gram)
+    bordered = np.empty((inputs + 1, inputs + 1))
+    bordered[:inputs, :inputs] = gram
+    bordered[:inputs, inputs] = bordered[inputs, :inputs] = sums
+    bordered[inputs, inputs] = count
+    return bordered
 
 
 class ChannelMean:

@@ -112,16 +112,41 @@ def refit_last(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Least-squares last factor A [O, r] (and bias) given the first stage F [r, D]:
     minimizes |y - (A F x + b)| on the calibration rows."""
-    rank, inputs = first.shape
-    lift = np.zeros((rank + 1, inputs + 1))
-    lift[:rank, :inputs] = first
-    lift[rank, inputs] = 1.0
-    if not with_bias:
-        lift = lift[:rank]
+    rank = len(first)
+    lift = _lift(first, with_bias)
     zz = lift @ moments.xx @ lift.T
     zy = lift @ moments.xy
     solution = np.linalg.solve(_damped(zz), zy).T
     return (solution[:, :rank], solution[:, rank]) if with_bias else (solution, None)
+
+
+def refit_errors(moments: SecondMoments, basis: np.ndarray, with_bias: bool) -> np.ndarray:
+    """The relative output error that ``refit_last`` leaves for every rank at once: entry
+    r - 1 is the error with the first r rows of ``basis`` [R, D] as the first stage.
+
+    Least squares on nested regressors: with the Cholesky factor C of their Gram matrix
+    (intercept first, so every rank has it), w = C⁻¹·Σzy holds each regressor's share of
+    the explained |y|², and the residual of the first k is |y|² minus the first k shares.
+    One factorization instead of a refit per candidate rank."""
+    lift = _lift(basis, with_bias)
+    if with_bias:  # the intercept first: every rank keeps it
+        lift = np.roll(lift, 1, axis=0)
+    gram = _damped(lift @ moments.xx @ lift.T)
+    shares = np.square(np.linalg.solve(np.linalg.cholesky(gram), lift @ moments.xy)).sum(1)
+    explained = np.cumsum(shares)[int(with_bias) :]
+    if moments.yy <= 0:
+        return np.zeros(len(basis))
+    return np.sqrt(np.maximum(moments.yy - explained, 0.0) / moments.yy)
+
+
+def _lift(first: np.ndarray, with_bias: bool) -> np.ndarray:
+    """[F 0; 0 1] (the intercept row last), without it when there is no bias: the map from
+    x̃ = [x, 1] to the last factor's input."""
+    rank, inputs = first.shape
+    lift = np.zeros((rank + 1, inputs + 1))
+    lift[:rank, :inputs] = first
+    lift[rank, inputs] = 1.0
+    return lift if with_bias else lift[:rank]
 
 
 def whitened_svd(
@@ -174,9 +199,10 @@ def _depthwise_step(
     return solution.reshape(channels * multiplier, taps)
 
 
-def whitened_first_stage(vt: np.ndarray, lower: np.ndarray, rank: int) -> np.ndarray:
-    """F = V_rᵀ L⁻¹: the first stage of the whitened truncation."""
-    return np.linalg.solve(lower.T, vt[:rank].T).T
+def whitened_basis(vt: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """Vᵀ L⁻¹: the first stage of the whitened truncation at full rank; rank r keeps its
+    first r rows (one solve for every rank a search tries)."""
+    return np.linalg.solve(lower.T, vt.T).T
 
 
 def _damped(matrix: np.ndarray) -> np.ndarray:

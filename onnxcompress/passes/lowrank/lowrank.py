@@ -27,7 +27,7 @@ from onnxcompress.passes.lowrank import factorize
 from onnxcompress.passes.lowrank.fold import fold_rewrites
 from onnxcompress.passes.lowrank.layer import Layer, view
 from onnxcompress.passes.lowrank.plan import Plan, rewrite
-from onnxcompress.passes.lowrank.targets import LayerTargets
+from onnxcompress.passes.lowrank.targets import INPUTS, LayerTargets
 from onnxcompress.progress import Steps, tick
 from onnxcompress.stats import SecondMoments
 from onnxcompress.timing_cache import Timing, TimingCache
@@ -61,6 +61,7 @@ class LowRank(CompressionPass):
         ops: tuple[str, ...] | None = None  # op types (default: all; Conv for conv schemes)
         exclude: tuple[str, ...] = ()  # node-name glob patterns to leave alone
         max_rows: int = 4096  # calibration rows sampled per batch and layer
+        inputs: str = "student"  # fit to the inputs of the model compressed so far, or teacher
 
         def __post_init__(self) -> None:
             rules = ("rank", "ratio", "energy", "max_error")
@@ -80,6 +81,7 @@ class LowRank(CompressionPass):
                     "round_to": (lambda v: v >= 1, "an integer >= 1"),
                     "ops": (lambda v: v and set(v) <= set(_OPS), f"among {', '.join(_OPS)}"),
                     "max_rows": (lambda v: v >= 16, "an integer >= 16"),
+                    "inputs": (lambda v: v in INPUTS, f"one of {', '.join(INPUTS)}"),
                 },
             )
 
@@ -109,16 +111,24 @@ class LowRank(CompressionPass):
         ops = set(self.config.op_types)
         ops |= {"ConvTranspose"} if "Conv" in ops else set()
         candidates = [n for n in model.graph if n.op_type in ops and _standard(n)]
-        targets = self._layer_targets(model, candidates, ctx, report)
         emitter = Emitter(model, self.name)
         # timings of layer shapes seen before (this run or an earlier one) are not repeated
         self._timings = TimingCache() if self.config.min_speedup is not None else None
+        self._timed: dict[int, Timing] = {}
+        fit = self._data_fit(ctx, report)
+        decided = self._screen(model, candidates, ctx, fit) if fit is not None else {}
+        targets = None
+        if fit is not None:
+            upcoming = [n for n in candidates if id(n) not in decided and self._fits_to_data(n)]
+            targets = self._layer_targets(model, candidates, upcoming, ctx, fit)
         steps = Steps(ctx.progress, self._steps_label(targets), len(candidates))
         if candidates:  # a first line at once: the estimate follows after the first layer
             tick(ctx.progress, steps.label, 0, steps.total)
         try:
             for node in candidates:
                 try:
+                    if id(node) in decided:
+                        raise decided[id(node)]
                     report.layers.append(self._compress(model, node, ctx, emitter, targets))
                     if targets:  # the model changed: what later layers receive changed too
                         targets.forget()
@@ -127,12 +137,46 @@ class LowRank(CompressionPass):
                 steps.done()
         finally:
             if targets:
+                report.notes.append(f"calibration: {targets.sweeps} model sweep(s)")
                 targets.close()
             if self._timings is not None:
                 self._timings.finish(report.notes)
         if self.config.fold:
             fold_rewrites(emitter, report, ctx.shapes, self._protected)
         return report
+
+    def _screen(self, model, candidates, ctx, fit: bool) -> dict[int, Skip]:
+        """The layers skipped whatever the data says, found before any capture: where the
+        ranks do not depend on the data, the rewrite planned from the weights alone goes
+        through the guards (min_saving, min_speedup: they see ranks and shapes, not values)."""
+        decided: dict[int, Skip] = {}
+        if self.config.max_error is not None:  # every rank follows from the data
+            return decided
+        steps = Steps(ctx.progress, "lowrank: guards before capture", len(candidates))
+        for node in candidates:
+            try:
+                layer = self._layer(node, with_data=True)
+                if self._ranks_need_data(layer, fit):
+                    continue
+                plan = self._plan(layer, CalibrationFit(None, False))
+                self._guard(layer, plan, *_positions(layer, ctx))
+                measured = self._latency_guard(model, layer, plan, ctx)
+                if measured is not None:
+                    self._timed[id(node)] = measured
+            except Skip as skip:
+                decided[id(node)] = skip
+            finally:
+                steps.done()
+        return decided
+
+    def _ranks_need_data(self, layer: Layer, fit: bool) -> bool:
+        """Whether this layer's ranks follow from calibration data (max_error, or an energy
+        share of the whitened spectrum)."""
+        cfg = self.config
+        if cfg.max_error is not None:
+            return True
+        svd = layer.kind != "Conv" or cfg.scheme == "svd"
+        return svd and fit and (cfg.energy is not None or self._no_rule())
 
     def _steps_label(self, targets: LayerTargets | None) -> str:
         """What each layer's step does, so the progress line says where the time goes."""
@@ -142,8 +186,9 @@ class LowRank(CompressionPass):
     def _protected(self, node: ir.Node) -> bool:
         return name_matches(node, self.config.exclude)
 
-    def _layer_targets(self, model, candidates, ctx, report) -> LayerTargets | None:
-        """Calibration statistics when the fit or the rank rule needs them."""
+    def _data_fit(self, ctx: PassContext, report: PassReport) -> bool | None:
+        """Whether factors are refitted to calibration data (errors are measured on it either
+        way); None when there is no data to use."""
         cfg = self.config
         user_data = bool(ctx.calibration) and not ctx.synthetic_calibration
         fit = user_data if cfg.data_aware is None else cfg.data_aware  # never fit to noise
@@ -154,17 +199,22 @@ class LowRank(CompressionPass):
             return None
         if ctx.synthetic_calibration:
             report.notes.append("calibration data is synthetic: output errors are indicative")
-        outputs = [n.outputs[0].name for n in candidates]
+        return fit
+
+    def _layer_targets(self, model, candidates, upcoming, ctx, fit: bool) -> LayerTargets:
+        """Calibration statistics for the layers that will ask for them."""
+        cfg = self.config
         return LayerTargets(
             model,
             ctx.teacher,
             ctx.calibration,
-            outputs,
+            [n.outputs[0].name for n in candidates],
             cfg.max_rows,
             ctx.seed,
             fit,
-            upcoming=[n for n in candidates if self._fits_to_data(n)],
+            upcoming=upcoming,
             shapes=ctx.shapes,
+            inputs=cfg.inputs,
         )
 
     def _fits_to_data(self, node: ir.Node) -> bool:
@@ -188,10 +238,10 @@ class LowRank(CompressionPass):
     def _compress(self, model, node, ctx, emitter, targets) -> LayerReport:
         layer = self._layer(node, with_data=targets is not None)
         fit = self._fit(layer, targets)
-        positions = layer.positions(ctx.shapes), layer.positions(ctx.shapes, inputs=True)
+        positions = _positions(layer, ctx)
         plan = self._plan(layer, fit)
         self._guard(layer, plan, *positions)
-        measured = self._latency_guard(model, layer, plan, ctx)
+        measured = self._timed.pop(id(node), None) or self._latency_guard(model, layer, plan, ctx)
         rewrite(emitter, layer, plan)
         report = _layer_report(layer, plan, *positions)
         if fit.note:
@@ -231,11 +281,15 @@ class LowRank(CompressionPass):
 
     def _plan_svd(self, layer: Layer, fit: CalibrationFit) -> Plan:
         full = min(layer.matrix.shape)
+        predicted = None
         if fit.refit:
             spectrum, vt, lower = factorize.whitened_svd(fit.moments, layer.matrix)
+            basis = factorize.whitened_basis(vt, lower)
+            if self.config.max_error is not None:  # every rank's error, from the statistics
+                predicted = factorize.refit_errors(fit.moments, basis, layer.kind != "MatMul")
 
             def make(rank: int) -> Plan:
-                first = factorize.whitened_first_stage(vt, lower, rank)
+                first = basis[:rank]
                 ranks = {"rank": rank, "full_rank": full}
                 return fit.apply(Plan("svd", ranks, [first], first), layer)
 
@@ -248,7 +302,8 @@ class LowRank(CompressionPass):
                 ranks = {"rank": rank, "full_rank": full}
                 return Plan("svd", ranks, [first], first, last=u[:, :rank] * root)
 
-        return self._search(make, full, fit, layer) or make(self._rank(spectrum, full))
+        searched = self._search(make, full, fit, layer, predicted)
+        return searched or make(self._rank(spectrum, full))
 
     def _plan_tucker2(self, layer: Layer, fit: CalibrationFit) -> Plan:
         weight = layer.weight.astype(np.float64)
@@ -312,12 +367,17 @@ class LowRank(CompressionPass):
             rank = math.ceil(rank / cfg.round_to) * cfg.round_to
         return max(1, min(rank, full))
 
-    def _search(self, make, full: int, fit: CalibrationFit, layer: Layer) -> Plan | None:
-        """max_error: the smallest rank whose output error on calibration data is in bound
-        (errors shrink as ranks grow, so a binary search finds it)."""
+    def _search(
+        self, make, full: int, fit: CalibrationFit, layer: Layer, predicted=None
+    ) -> Plan | None:
+        """max_error: the smallest rank whose output error on calibration data is in bound.
+        With ``predicted`` (every rank's error from the statistics) that rank is read off and
+        its plan verified; otherwise a binary search (errors shrink as ranks grow)."""
         bound = self.config.max_error
         if bound is None:
             return None
+        if predicted is not None:
+            return _verified(make, full, fit, layer, _first_within(predicted, bound), bound)
         low, high = 1, full
         while low < high:
             middle = (low + high) // 2
@@ -368,8 +428,29 @@ class LowRank(CompressionPass):
         return measured
 
 
+def _first_within(errors: np.ndarray, bound: float) -> int:
+    """The smallest rank (1-based) whose error is within ``bound``; the last if none is."""
+    within = np.flatnonzero(errors <= bound)
+    return int(within[0]) + 1 if len(within) else len(errors)
+
+
+def _verified(make, full, fit: CalibrationFit, layer: Layer, rank: int, bound: float) -> Plan:
+    """The plan at ``rank``, or at the next ranks while its error, computed from its own
+    factors, is still out of bound (a prediction is off only by the damping of the fits)."""
+    plan = make(rank)
+    while rank < full and fit.error(layer, plan) > bound:
+        rank += 1
+        plan = make(rank)
+    return plan
+
+
 #: A data-aware fit needs at least this many calibration rows per input feature.
 ROWS_PER_FEATURE = 2
+
+
+def _positions(layer: Layer, ctx: PassContext) -> tuple[int | None, int | None]:
+    """The layer's output and input positions (rows it multiplies), if the shapes are known."""
+    return layer.positions(ctx.shapes), layer.positions(ctx.shapes, inputs=True)
 
 
 def _standard(node: ir.Node) -> bool:
