@@ -11,7 +11,6 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -25,11 +24,19 @@ from onnxcompress.calibration import (
     synthetic_feeds,
     with_default_batch,
 )
+from onnxcompress.cli_options import (
+    count_option,
+    data_and_report_options,
+    data_options,
+    dim_option,
+    gate_options,
+    recipe_options,
+)
 from onnxcompress.errors import OnnxCompressError, ToleranceExceeded
 from onnxcompress.inspection import inspect_model
 from onnxcompress.optimize import Metric, Target, Tolerance, optimize_file
 from onnxcompress.passes import PASSES
-from onnxcompress.pipeline import Gates, Options, compress_file
+from onnxcompress.pipeline import compress_file
 from onnxcompress.recipe import Recipe
 from onnxcompress.report import table, validation_dict, validation_table
 from onnxcompress.validate import gate_failures, validate
@@ -67,124 +74,6 @@ def _handled(command):
     return wrapper
 
 
-_dim_option = click.option(
-    "--dim",
-    "dims",
-    multiple=True,
-    metavar="NAME=N|INPUT:AXIS=N",
-    help="Size of a symbolic input dimension (repeatable).",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class _FeedOptions:
-    """How feeds are built when a command needs them."""
-
-    dims: dict[str, int]
-    samples: int
-    batch_size: int
-    seed: int
-
-    def pipeline_options(self, validate: bool, **more: Any) -> Options:
-        return Options(self.dims, validate, self.samples, self.batch_size, seed=self.seed, **more)
-
-
-def _count_option(flag: str, default: int, minimum: int, text: str):
-    """An integer option with a default and a floor (below it: a usage error)."""
-    kind = click.IntRange(min=minimum)
-    return click.option(flag, default=default, show_default=True, type=kind, help=text)
-
-
-def _data_options(command):
-    """--dim, --samples, --batch-size, --seed: how feeds are built, shared by commands; the
-    command receives them as one ``feed_options`` argument."""
-
-    @functools.wraps(command)
-    def wrapper(*args, dims, samples, batch_size, seed, **kwargs):
-        feeds = _FeedOptions(parse_dims(dims), samples, batch_size, seed)
-        return command(*args, feed_options=feeds, **kwargs)
-
-    options = [
-        _dim_option,
-        _count_option("--samples", 8, 1, "Synthetic feeds when no data is given."),
-        _count_option("--batch-size", 8, 1, "Batch for data on a dynamic batch axis."),
-        _count_option("--seed", 0, 0, "Seed for synthetic data."),
-    ]
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
-
-
-def _recipe_options(command):
-    """-p/--pass and --recipe: which passes to run, shared by compress and batch."""
-    command = click.option(
-        "--recipe", "recipe_file", type=click.Path(), help="A TOML or JSON recipe."
-    )(command)
-    return click.option(
-        "-p",
-        "--pass",
-        "passes",
-        multiple=True,
-        metavar="NAME[:KEY=VALUE,...]",
-        help="A pass and its options, in order (repeatable).",
-    )(command)
-
-
-def _gate_options(command):
-    """--max-rel-error, --min-agreement, --gate-output: the user's tolerance, given to the
-    command as one ``gates`` argument (None when no gate is set)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, max_rel_error, min_agreement, gate_outputs, **kwargs):
-        gates = None
-        if max_rel_error is not None or min_agreement is not None:
-            gates = Gates(max_rel_error, min_agreement, tuple(gate_outputs))
-        return command(*args, gates=gates, **kwargs)
-
-    options = [
-        click.option(
-            "--max-rel-error",
-            type=float,
-            help="Fail if any output's relative L2 error exceeds this.",
-        ),
-        click.option(
-            "--min-agreement",
-            type=float,
-            help="Fail if any class-like output's top-1 agreement is below this.",
-        ),
-        click.option(
-            "--gate-output",
-            "gate_outputs",
-            multiple=True,
-            help="Apply the gates to this output only (repeatable).",
-        ),
-    ]
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
-
-
-def _data_and_report_options(data_help: str):
-    """--calibration, --data (held-out feeds, ``data_help`` says for what), --report, --json."""
-
-    def decorate(command):
-        options = [
-            click.option(
-                "--calibration", type=click.Path(), help="A .npz or a folder of .npy feeds."
-            ),
-            click.option("--data", "validation_data", type=click.Path(), help=data_help),
-            click.option(
-                "--report", "report_path", type=click.Path(), help="Write the JSON report here."
-            ),
-            click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
-        ]
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
-
-
 def _recipe(passes: tuple[str, ...], recipe_file: str | None) -> Recipe:
     if passes and recipe_file:
         raise click.UsageError("give either -p options or --recipe, not both")
@@ -207,8 +96,8 @@ def main(verbose: bool) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the result.")
 @click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically).")
-@_recipe_options
-@_data_and_report_options("Validate on these feeds instead (default: the calibration data).")
+@recipe_options
+@data_and_report_options("Validate on these feeds instead (default: the calibration data).")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime comparison.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when a gate fails.")
 @click.option(
@@ -217,8 +106,8 @@ def main(verbose: bool) -> None:
     help="Force weights into (or out of) a .data file; default: by size and input.",
 )
 @_handled
-@_gate_options
-@_data_options
+@gate_options
+@data_options
 def compress(
     model,
     output,
@@ -277,7 +166,7 @@ def compress(
     multiple=True,
     help="agreement=A, rel=R (relative L2), metric=M or drop=D (with --metric); repeatable.",
 )
-@_data_and_report_options("Held-out feeds to judge the candidates on (default: the calibration).")
+@data_and_report_options("Held-out feeds to judge the candidates on (default: the calibration).")
 @click.option("--no-explore", is_flag=True, help="Skip the sizes around the target.")
 @click.option(
     "--metric",
@@ -286,7 +175,7 @@ def compress(
     help="Your measure: FUNCTION(reference_outputs, candidate_outputs) -> score, 1 = same.",
 )
 @_handled
-@_data_options
+@data_options
 def optimize_command(
     model,
     output,
@@ -349,7 +238,7 @@ def _echo_report(report, as_json: bool) -> None:
 @main.command(name="inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@_dim_option
+@dim_option
 @_handled
 def inspect_command(model, as_json, dims) -> None:
     """Per-layer table of MODEL: op, weight shape, params, MACs, which passes apply."""
@@ -364,8 +253,8 @@ def inspect_command(model, as_json, dims) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--latency-runs", default=20, show_default=True, help="Timed runs per model.")
 @_handled
-@_gate_options
-@_data_options
+@gate_options
+@data_options
 def validate_command(
     reference,
     candidate,
@@ -423,7 +312,7 @@ def passes() -> None:
     type=click.Path(path_type=Path),
     help="A JSONL or CSV file: per model its path and, optionally, recipe, dims, data.",
 )
-@_recipe_options
+@recipe_options
 @click.option(
     "--calibration",
     type=click.Path(),
@@ -435,7 +324,7 @@ def passes() -> None:
     type=click.Path(),
     help="Validate on these feeds instead (default: the calibration data).",
 )
-@_count_option("--jobs", 1, 1, "Models compressed in parallel (CPUs of a Ray started here).")
+@count_option("--jobs", 1, 1, "Models compressed in parallel (CPUs of a Ray started here).")
 @click.option(
     "--executor",
     type=click.Choice(driver.EXECUTORS),
@@ -447,8 +336,8 @@ def passes() -> None:
 @click.option("--force", is_flag=True, help="Convert again models an earlier run converted.")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime comparison.")
 @_handled
-@_gate_options
-@_data_options
+@gate_options
+@data_options
 def batch(
     inputs,
     output_dir,
